@@ -1,0 +1,158 @@
+"""The `refine` command line: thin typer wrappers that parse, load the config and call a stage function.
+
+Every option defaults to None ("not given") so that a YAML --config value is only overridden by
+flags the user actually typed; real defaults live in refine.config.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from refine.config import PretrainConfig, SampleConfig, ScoreConfig, field_help, load_config
+from refine.errors import RefineError
+
+app = typer.Typer(
+    help="Refine a pretraining corpus with a teacher LM (MiniPLM difference sampling): score → sample → pretrain.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CONFIG_HELP = "YAML file whose keys are this command's option names (with underscores); flags given here override it."
+
+
+def _opt(cls, name: str, *flags: str):
+    return typer.Option(None, *flags, help=field_help(cls, name), show_default=False)
+
+
+def _arg(cls, name: str):
+    return typer.Argument(None, help=field_help(cls, name), show_default=False)
+
+
+def _run(cls, config: Optional[str], overrides: dict, stage):
+    try:
+        return stage(load_config(cls, config, overrides))
+    except RefineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to continue where it stopped", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command("score")
+def score_command(
+    data: Optional[str] = _arg(ScoreConfig, "data"),
+    teacher: Optional[str] = _opt(ScoreConfig, "teacher", "--teacher"),
+    reference: Optional[str] = _opt(ScoreConfig, "reference", "--reference"),
+    output: Optional[str] = _opt(ScoreConfig, "output", "--output", "-o"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    split: Optional[str] = _opt(ScoreConfig, "split", "--split"),
+    name: Optional[str] = _opt(ScoreConfig, "name", "--name"),
+    text_column: Optional[str] = _opt(ScoreConfig, "text_column", "--text-column"),
+    id_column: Optional[str] = _opt(ScoreConfig, "id_column", "--id-column"),
+    teacher_revision: Optional[str] = _opt(ScoreConfig, "teacher_revision", "--teacher-revision"),
+    reference_revision: Optional[str] = _opt(ScoreConfig, "reference_revision", "--reference-revision"),
+    unit: Optional[str] = _opt(ScoreConfig, "unit", "--unit"),
+    max_length: Optional[int] = _opt(ScoreConfig, "max_length", "--max-length"),
+    max_tokens_per_batch: Optional[int] = _opt(ScoreConfig, "max_tokens_per_batch", "--max-tokens-per-batch"),
+    shard_size: Optional[int] = _opt(ScoreConfig, "shard_size", "--shard-size"),
+    device: Optional[str] = _opt(ScoreConfig, "device", "--device"),
+    dtype: Optional[str] = _opt(ScoreConfig, "dtype", "--dtype"),
+    trust_remote_code: Optional[bool] = _opt(ScoreConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
+    overwrite: Optional[bool] = _opt(ScoreConfig, "overwrite", "--overwrite/--no-overwrite"),
+):
+    """Score every instance: log p_teacher(x) - log p_ref(x) per token, with both log-probs and token counts.
+
+    Writes Parquet shards (columns id, n_tokens, teacher_logprob, ref_logprob, score) and manifest.json.
+    Rerunning an interrupted command continues where it stopped.
+    """
+    from refine.score import score
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "score")}
+    manifest = _run(ScoreConfig, config, overrides, score)
+    typer.echo(
+        f"scored {manifest['n_instances']} instances ({manifest['n_tokens']} tokens) in {manifest['elapsed_s']} s; "
+        f"skipped {manifest['data']['n_blank_skipped']} empty or whitespace-only documents"
+    )
+
+
+@app.command("sample")
+def sample_command(
+    scores: Optional[str] = _arg(SampleConfig, "scores"),
+    output: Optional[str] = _opt(SampleConfig, "output", "--output", "-o"),
+    alpha: Optional[float] = _opt(SampleConfig, "alpha", "--alpha"),
+    method: Optional[str] = _opt(SampleConfig, "method", "--method"),
+    seed: Optional[int] = _opt(SampleConfig, "seed", "--seed"),
+    data: Optional[str] = _opt(SampleConfig, "data", "--data"),
+    shard_size_mb: Optional[int] = _opt(SampleConfig, "shard_size_mb", "--shard-size-mb"),
+    overwrite: Optional[bool] = _opt(SampleConfig, "overwrite", "--overwrite/--no-overwrite"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+):
+    """Keep the top-alpha fraction of scored instances; write them as a dataset `datasets.load_dataset` opens."""
+    from refine.sample import sample
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "sample")}
+    m = _run(SampleConfig, config, overrides, sample)
+    threshold = f"; score threshold {m['threshold']:.4f}" if m["threshold"] is not None else ""
+    typer.echo(
+        f"kept {m['instances_after']} of {m['instances_before']} instances "
+        f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} alpha={m['alpha']}{threshold}"
+    )
+
+
+@app.command("pretrain")
+def pretrain_command(
+    data: Optional[str] = _arg(PretrainConfig, "data"),
+    model_config: Optional[str] = _opt(PretrainConfig, "model_config", "--model-config"),
+    tokenizer: Optional[str] = _opt(PretrainConfig, "tokenizer", "--tokenizer"),
+    output: Optional[str] = _opt(PretrainConfig, "output", "--output", "-o"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    split: Optional[str] = _opt(PretrainConfig, "split", "--split"),
+    name: Optional[str] = _opt(PretrainConfig, "name", "--name"),
+    text_column: Optional[str] = _opt(PretrainConfig, "text_column", "--text-column"),
+    eval_data: Optional[str] = _opt(PretrainConfig, "eval_data", "--eval-data"),
+    eval_fraction: Optional[float] = _opt(PretrainConfig, "eval_fraction", "--eval-fraction"),
+    eval_every: Optional[int] = _opt(PretrainConfig, "eval_every", "--eval-every"),
+    max_eval_sequences: Optional[int] = _opt(PretrainConfig, "max_eval_sequences", "--max-eval-sequences"),
+    seq_len: Optional[int] = _opt(PretrainConfig, "seq_len", "--seq-len"),
+    micro_batch_size: Optional[int] = _opt(PretrainConfig, "micro_batch_size", "--micro-batch-size"),
+    grad_accum: Optional[int] = _opt(PretrainConfig, "grad_accum", "--grad-accum"),
+    max_steps: Optional[int] = _opt(PretrainConfig, "max_steps", "--max-steps"),
+    max_tokens: Optional[int] = _opt(PretrainConfig, "max_tokens", "--max-tokens"),
+    lr: Optional[float] = _opt(PretrainConfig, "lr", "--lr"),
+    min_lr_ratio: Optional[float] = _opt(PretrainConfig, "min_lr_ratio", "--min-lr-ratio"),
+    warmup_steps: Optional[int] = _opt(PretrainConfig, "warmup_steps", "--warmup-steps"),
+    weight_decay: Optional[float] = _opt(PretrainConfig, "weight_decay", "--weight-decay"),
+    adam_beta1: Optional[float] = _opt(PretrainConfig, "adam_beta1", "--adam-beta1"),
+    adam_beta2: Optional[float] = _opt(PretrainConfig, "adam_beta2", "--adam-beta2"),
+    grad_clip: Optional[float] = _opt(PretrainConfig, "grad_clip", "--grad-clip"),
+    seed: Optional[int] = _opt(PretrainConfig, "seed", "--seed"),
+    save_every: Optional[int] = _opt(PretrainConfig, "save_every", "--save-every"),
+    log_every: Optional[int] = _opt(PretrainConfig, "log_every", "--log-every"),
+    resume: Optional[bool] = _opt(PretrainConfig, "resume", "--resume/--no-resume"),
+    device: Optional[str] = _opt(PretrainConfig, "device", "--device"),
+    dtype: Optional[str] = _opt(PretrainConfig, "dtype", "--dtype"),
+    trust_remote_code: Optional[bool] = _opt(PretrainConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
+    overwrite: Optional[bool] = _opt(PretrainConfig, "overwrite", "--overwrite/--no-overwrite"),
+):
+    """Pretrain a model from scratch (any transformers causal-LM config) on a corpus, e.g. a refined one.
+
+    Also trains MiniPLM's reference model: a small LM on a small random split, with the teacher's tokenizer.
+    """
+    from refine.pretrain import pretrain
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "pretrain")}
+    m = _run(PretrainConfig, config, overrides, pretrain)
+    typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
+
+
+def main() -> None:
+    app(prog_name="refine")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

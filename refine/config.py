@@ -1,0 +1,167 @@
+"""Typed configs, one dataclass per stage, loaded from YAML with CLI overrides on top.
+
+Each field carries its help text in `metadata["help"]`; the CLI reads it from there, so the
+YAML keys, the dataclass and `--help` can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import yaml
+
+from refine.errors import RefineError
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def required(help: str) -> Any:
+    return field(default=None, metadata={"help": help, "required": True})
+
+
+@dataclass
+class CorpusArgs:
+    """Where a corpus comes from; shared by every stage that reads one."""
+
+    split: str = option("train", "Split to read when DATA is a hub dataset or a dataset dict.")
+    name: Optional[str] = option(None, "Configuration (subset) name of a hub dataset.")
+    text_column: str = option("text", "Column holding each document's text.")
+    id_column: Optional[str] = option(None, "Column with a unique id per document; default: the row index.")
+
+
+@dataclass
+class ScoreConfig(CorpusArgs):
+    data: Optional[str] = required(
+        "Corpus to score: a hub dataset name, local .jsonl/.json/.parquet/.csv/.txt/.arrow files, a glob, "
+        "a directory of such files, or a `save_to_disk` directory."
+    )
+    teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file.")
+    reference: Optional[str] = required(
+        "Reference LM (small, trained on a random split of the corpus): hub id, local directory or .gguf file. "
+        "Must use the teacher's tokenizer."
+    )
+    output: Optional[str] = required("Directory for the scores (Parquet shards + manifest.json).")
+    teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    reference_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the reference.")
+    unit: str = option(
+        "document",
+        "What one instance is. `document`: each document, split into windows of --max-length tokens "
+        "when longer (every token scored). `chunk`: documents joined with EOS and cut into --max-length "
+        "token chunks, as in MiniPLM.",
+    )
+    max_length: int = option(1024, "Longest sequence (tokens) a model reads in one forward pass.")
+    max_tokens_per_batch: int = option(
+        8192, "Token budget of one batch (sequences x padded length); batches are filled with similar lengths."
+    )
+    shard_size: int = option(10000, "Documents per output shard; each finished shard is written atomically.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`.")
+    trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a result.")
+
+
+@dataclass
+class SampleConfig:
+    scores: Optional[str] = required("Scores directory written by `refine score`.")
+    output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).")
+    alpha: float = option(0.5, "Fraction of instances to keep, in (0, 1]; exactly ceil(alpha*N) are kept.")
+    method: str = option(
+        "difference",
+        "Selection rule. `difference`: highest log p_teacher - log p_ref per token (MiniPLM). "
+        "`random`: uniform at random (seeded). `teacher`: lowest teacher NLL per token (perplexity filtering). "
+        "`reference`: lowest reference NLL per token.",
+    )
+    seed: int = option(0, "Seed of the `random` method.")
+    data: Optional[str] = option(
+        None, "Corpus the scores were made from; default: the source recorded in the scores' manifest."
+    )
+    shard_size_mb: int = option(500, "Approximate size of each output Parquet shard, in MB.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a result.")
+
+
+@dataclass
+class PretrainConfig(CorpusArgs):
+    data: Optional[str] = required("Training corpus (any DATA form that `refine score` accepts; e.g. a refined directory).")
+    model_config: Optional[str] = required(
+        "Student architecture: a preset name from configs/models (e.g. qwen-200m, tiny-llama), a config.json, "
+        "a model directory or a hub id (config only; weights start from scratch)."
+    )
+    tokenizer: Optional[str] = required("Tokenizer: hub id, local directory or .gguf file.")
+    output: Optional[str] = required("Directory for checkpoints, metrics.jsonl and the final model.")
+    eval_data: Optional[str] = option(None, "Held-out corpus for evaluation; default: --eval-fraction of DATA's documents.")
+    eval_fraction: float = option(0.02, "Fraction of documents held out for evaluation when --eval-data is not given.")
+    eval_every: int = option(100, "Evaluate the held-out loss every this many optimizer steps (and at the end).")
+    max_eval_sequences: int = option(64, "At most this many packed held-out sequences per evaluation.")
+    seq_len: int = option(1024, "Length (tokens) of each packed training sequence.")
+    micro_batch_size: int = option(8, "Sequences per forward/backward pass.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: Optional[int] = option(None, "Training budget in optimizer steps (give this or --max-tokens).")
+    max_tokens: Optional[int] = option(None, "Training budget in tokens; converted to steps, rounded up.")
+    lr: float = option(6e-4, "Peak learning rate.")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of the peak (cosine decay).")
+    warmup_steps: int = option(100, "Linear warmup steps (capped at 10% of the total).")
+    weight_decay: float = option(0.1, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.95, "AdamW beta2.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
+    seed: int = option(0, "Seed for initialisation, the held-out split and data order.")
+    save_every: int = option(500, "Write a resumable checkpoint every this many steps.")
+    log_every: int = option(10, "Append a line to metrics.jsonl every this many steps.")
+    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    dtype: str = option("auto", "Autocast dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    trust_remote_code: bool = option(False, "Allow configs/tokenizers to run code from their repository.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a finished model.")
+
+
+Config = TypeVar("Config")
+
+
+def field_help(cls: type, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    help_text = f.metadata["help"]
+    if not f.metadata.get("required") and f.default is not None:
+        help_text += f" [default: {f.default}]"
+    return help_text
+
+
+def load_config(cls: type[Config], yaml_path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """Build `cls` from YAML values, then CLI overrides (None means "not given"), then check every field."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        values.update(read_yaml(yaml_path, cls))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = cls(**values)
+    missing = [
+        f"--{f.name.replace('_', '-')} is required (give it on the command line or as `{f.name}:` in --config)"
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("required") and getattr(config, f.name) in (None, "")
+    ]
+    if missing:
+        raise RefineError(*missing)
+    return config
+
+
+def read_yaml(path: str, cls: type) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RefineError(f"config file {path} not found; check the --config path")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise RefineError(f"config file {path} is not valid YAML ({first}); fix the file") from None
+    if not isinstance(values, dict):
+        raise RefineError(f"config file {path} must be a mapping of option names to values")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    problems = [
+        f"unknown key `{k}` in {path}; valid keys: {', '.join(sorted(known))}" for k in values if k not in known
+    ]
+    if problems:
+        raise RefineError(*problems)
+    return values

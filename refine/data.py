@@ -1,0 +1,171 @@
+"""Open any corpus `datasets` can read, check its text column, and fingerprint its content."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import pyarrow as pa
+
+from refine.errors import RefineError
+
+BUILDER_BY_EXTENSION = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -> datasets.Dataset:
+    """Open `source` as one `datasets.Dataset`.
+
+    `source` is a `save_to_disk` directory, a directory of data files (or a dataset directory with a
+    card), a data file, a glob of data files, or a hub dataset name.
+    """
+    try:
+        return _load_corpus(source, split, name)
+    except RefineError:
+        raise
+    except UnicodeDecodeError as e:
+        raise RefineError(_undecodable(source, e)) from None
+    except Exception as e:  # datasets wraps reader errors in several exception types
+        cause = _find_cause(e, UnicodeDecodeError)
+        if cause is not None:
+            raise RefineError(_undecodable(source, cause)) from None
+        if isinstance(e, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError)) or (
+            "Couldn't find" in str(e) or "offline" in str(e).lower()
+        ):
+            raise RefineError(
+                f"could not open corpus {source!r} ({_first_line(e)}); give an existing local path or a hub dataset name"
+            ) from None
+        raise RefineError(f"could not read corpus {source!r}: {_first_line(e)}") from None
+
+
+def _load_corpus(source: str, split: str, name: Optional[str]) -> datasets.Dataset:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return _pick_split(loaded, split, source)
+        return _pick_split(datasets.load_dataset(str(path), name=name), split, source)
+    files = sorted(glob.glob(str(path))) if glob.has_magic(source) else ([str(path)] if path.is_file() else [])
+    if files:
+        extensions = {_extension(f) for f in files}
+        unknown = extensions - set(BUILDER_BY_EXTENSION)
+        if unknown:
+            raise RefineError(
+                f"cannot read files ending in {', '.join(sorted(unknown))}; use one of {', '.join(BUILDER_BY_EXTENSION)}"
+            )
+        builders = {BUILDER_BY_EXTENSION[e] for e in extensions}
+        if len(builders) > 1:
+            raise RefineError(f"{source!r} mixes file types ({', '.join(sorted(extensions))}); give files of one type")
+        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+    if glob.has_magic(source) or _looks_like_path(source):
+        raise RefineError(f"corpus path {source!r} does not exist (or matches no file); check the path")
+    return _pick_split(datasets.load_dataset(source, name=name), split, source)
+
+
+def _pick_split(loaded, split: str, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split not in loaded:
+        raise RefineError(f"{source!r} has no split {split!r}; choose one of {', '.join(loaded)} with --split")
+    return loaded[split]
+
+
+def _extension(filename: str) -> str:
+    name = filename.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(suffix)
+    return os.path.splitext(name)[1]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] or _extension(source) in BUILDER_BY_EXTENSION
+
+
+def _find_cause(error: BaseException, kind: type) -> Optional[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _undecodable(source: str, error: UnicodeDecodeError) -> str:
+    return (
+        f"corpus {source!r} holds bytes that are not valid UTF-8 ({error.reason} at byte {error.start}); "
+        "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
+def check_columns(ds: datasets.Dataset, text_column: str, id_column: Optional[str], source: str) -> None:
+    """Raise one error listing every problem with the text and id columns."""
+    problems = []
+    if text_column not in ds.column_names:
+        problems.append(
+            f"{source!r} has no column {text_column!r}; pass --text-column with one of: {', '.join(ds.column_names)}"
+        )
+    elif not _is_string(ds.features[text_column]):
+        problems.append(
+            f"column {text_column!r} of {source!r} holds {ds.features[text_column]}, not strings; "
+            "pass --text-column naming a string column"
+        )
+    if id_column is not None and id_column not in ds.column_names:
+        problems.append(
+            f"{source!r} has no id column {id_column!r}; pass --id-column with one of: {', '.join(ds.column_names)}, "
+            "or omit it to use the row index"
+        )
+    if problems:
+        raise RefineError(*problems)
+    if len(ds) == 0:
+        raise RefineError(f"corpus {source!r} is empty; give a corpus with at least one document")
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def document_ids(ds: datasets.Dataset, id_column: Optional[str]) -> list:
+    """Each row's id: the id column's values (must be unique) or the row index."""
+    if id_column is None:
+        return list(range(len(ds)))
+    ids = ds[id_column]
+    if len(set(ids)) != len(ids):
+        raise RefineError(f"id column {id_column!r} has duplicate values; pass a unique --id-column or omit it")
+    return list(ids)
+
+
+def is_blank(text: Optional[str]) -> bool:
+    return text is None or not text.strip()
+
+
+def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Optional[str]) -> str:
+    """SHA-256 of the ids and texts, in order: equal fingerprints mean the same corpus content."""
+    digest = hashlib.sha256()
+    columns = [text_column] + ([id_column] if id_column else [])
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+        for column in columns:
+            values = batch.column(column).to_pylist()
+            digest.update("\x1e".join("" if v is None else str(v) for v in values).encode("utf-8", "surrogatepass"))
+            digest.update(b"\x1d")
+    digest.update(str(len(ds)).encode())
+    return digest.hexdigest()
+
+
+def arrow_type_for_ids(ids: list) -> pa.DataType:
+    return pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()

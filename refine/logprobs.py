@@ -1,0 +1,90 @@
+"""Per-token log-probabilities of causal LMs, without full-vocabulary logits for a whole batch.
+
+The model's body gives final hidden states (B, T, D); the LM head is applied to a few hundred
+selected positions at a time, each chunk reduced to log p(target) = logit[target] - logsumexp(logits)
+before the next is computed. Peak extra memory is one (chunk, V) fp32 block, whatever the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Size of one (chunk tokens x vocabulary) fp32 logits block.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def _body_accepts_attention_mask(body) -> bool:
+    return "attention_mask" in inspect.signature(body.forward).parameters
+
+
+@torch.inference_mode()
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position, as (B, T-1) fp32.
+
+    Positions whose target is padding (attention_mask 0) are 0. Sequences must be right-padded.
+    """
+    head = model.get_output_embeddings()
+    body = model.base_model
+    if head is None or body is model:
+        # No separable LM head: fall back to the model's own (full) logits.
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return lp * attention_mask[:, 1:]
+    kwargs = {"attention_mask": attention_mask} if _body_accepts_attention_mask(body) else {}
+    hidden = body(input_ids=input_ids, **kwargs)[0]  # (B, T, D)
+    targets = input_ids[:, 1:]
+    valid = attention_mask[:, 1:].bool()
+    selected = hidden[:, :-1][valid]  # (N, D): only real (non-padding) predictions
+    selected_targets = targets[valid]
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    out[valid] = _head_logprobs(model, head, selected, selected_targets)
+    return out
+
+
+def _head_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    vocab = head.weight.shape[0]
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start : start + chunk]).float()  # (chunk, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        target_logits = logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
+        pieces.append(target_logits - torch.logsumexp(logits, dim=-1))
+    if not pieces:
+        return torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    return torch.cat(pieces)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask) of shape (B, longest)."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def length_batches(lengths: list[int], max_tokens_per_batch: int) -> list[list[int]]:
+    """Group sequence indices into batches of similar length whose padded size fits the token budget.
+
+    Longest first, so the first batch shows the peak memory at once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted descending, so the batch's padded length is its first member's length.
+        padded = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * padded > max_tokens_per_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,207 @@
+"""Load models, tokenizers and configs from hub ids, local directories or .gguf files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from refine.errors import RefineError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` should look: a hub id or directory, plus the GGUF file inside it if any."""
+
+    path: str
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.exists(self.path)
+
+
+def resolve_model_source(ref: str, revision: Optional[str] = None, what: str = "model") -> ModelSource:
+    path = Path(ref).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RefineError(f"{what} {ref!r} is a file but not a .gguf file; give a model directory, a hub id or a .gguf file")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        return ModelSource(str(path.resolve()))
+    if ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") > 1:
+        raise RefineError(f"{what} path {ref!r} does not exist; check the path or give a hub id like org/name")
+    return ModelSource(ref, None, revision)
+
+
+def _from_pretrained_error(ref: str, what: str, error: Exception) -> RefineError:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RefineError(
+        f"could not load {what} {ref!r} ({message}); give a local directory, a .gguf file or a reachable hub id"
+    )
+
+
+def load_tokenizer(ref: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(ref, revision, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.path, gguf_file=source.gguf_file, revision=source.revision, trust_remote_code=trust_remote_code
+        )
+    except RefineError:
+        raise
+    except Exception as e:
+        raise _from_pretrained_error(ref, "tokenizer", e) from None
+
+
+def load_causal_lm(
+    ref: str,
+    revision: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(ref, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=source.revision,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as e:
+        raise _from_pretrained_error(ref, "model", e) from None
+    return model.to(device).eval()
+
+
+def model_identity(ref: str, model=None, revision: Optional[str] = None) -> dict:
+    """What a manifest records about a model: where it came from and which exact weights were used."""
+    source = resolve_model_source(ref, revision)
+    identity = {"id": ref, "path": source.path if source.is_local else None}
+    if source.gguf_file:
+        identity["gguf_file"] = source.gguf_file
+        identity["sha256"] = file_sha256(Path(source.path) / source.gguf_file)
+    elif source.is_local:
+        identity["sha256"] = directory_weights_sha256(Path(source.path))
+    else:
+        identity["revision"] = revision
+        identity["commit"] = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if model is not None:
+        identity["model_type"] = model.config.model_type
+        identity["n_params"] = sum(p.numel() for p in model.parameters())
+    return identity
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_weights_sha256(path: Path) -> str:
+    """One hash over every weight file and config.json of a model directory (sorted by name)."""
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"):
+            digest.update(f.name.encode())
+            digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary, special tokens and the ids of a probe text: equal means same tokenization."""
+    probe = "Hello, world! 3.14 naïve 東京 \n\tdef f(x): return x**2  # ok"
+    state = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id],
+        "probe": tokenizer(probe, add_special_tokens=False)["input_ids"],
+    }
+    return hashlib.sha256(json.dumps(state, ensure_ascii=False).encode()).hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RefineError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RefineError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (bf16 matmul on CPU is hundreds of times slower)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise RefineError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_model_config(ref: str, trust_remote_code: bool = False):
+    """A `transformers` config from a preset name, a config.json, a model directory or a hub id."""
+    from transformers import AutoConfig
+
+    preset = PRESET_DIR / f"{ref}.json"
+    path = Path(ref).expanduser()
+    if preset.is_file():
+        path = preset
+    if path.is_file():
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RefineError(f"model config {ref!r} is not valid JSON ({e}); fix the file") from None
+        model_type = values.pop("model_type", None)
+        if model_type is None:
+            raise RefineError(f"model config {ref!r} has no `model_type`; add one (e.g. \"llama\")")
+        try:
+            return AutoConfig.for_model(model_type, **values)
+        except ValueError as e:
+            raise RefineError(f"model config {ref!r}: {e}") from None
+    if path.is_dir() or ref.startswith((".", "/", "~")) or ref.endswith(".json"):
+        if not (path / "config.json").is_file():
+            raise RefineError(
+                f"model config {ref!r} not found; give a preset ({', '.join(list_presets())}), a config.json, "
+                "a model directory or a hub id"
+            )
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else ref, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RefineError(
+            f"could not load model config {ref!r} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            f"give a preset ({', '.join(list_presets())}), a config.json, a model directory or a reachable hub id"
+        ) from None
+
+
+def max_positions(config) -> Optional[int]:
+    """Longest sequence the architecture accepts, or None where it has no limit (e.g. Mamba)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None

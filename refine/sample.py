@@ -1,0 +1,200 @@
+"""`refine sample`: keep the top-alpha fraction of instances by score, in original corpus order."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from refine import data as corpus
+from refine.config import SampleConfig
+from refine.errors import RefineError
+from refine.output import DATA_DIR, MANIFEST, claim_output_dir, dataset_card, read_manifest, run_info, write_json, write_parquet, write_text
+
+METHODS = ("difference", "random", "teacher", "reference")
+SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
+
+
+def validate(cfg: SampleConfig) -> None:
+    problems = []
+    if not (isinstance(cfg.alpha, (int, float)) and 0 < cfg.alpha <= 1):
+        problems.append(f"--alpha {cfg.alpha} is outside (0, 1]; give the fraction to keep, e.g. 0.5")
+    if cfg.method not in METHODS:
+        problems.append(f"--method {cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
+    if cfg.shard_size_mb < 1:
+        problems.append(f"--shard-size-mb {cfg.shard_size_mb} must be at least 1")
+    if problems:
+        raise RefineError(*problems)
+
+
+def n_kept(n: int, alpha: float) -> int:
+    """ceil(alpha * n), computed exactly (0.3 * 10 is 3.0000000000000004 in floats)."""
+    return math.ceil(Fraction(str(alpha)) * n)
+
+
+def select_top_fraction(keys: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
+    """Indices of the ceil(alpha*N) largest keys, ties broken by smaller id; returned in ascending order."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if np.isnan(keys).any():
+        raise RefineError("scores contain NaN; rescore with --dtype float32")
+    order = np.lexsort((np.asarray(ids), -keys))  # last key is primary: largest key first, then smallest id
+    return np.sort(order[: n_kept(len(keys), alpha)])
+
+
+def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
+    """Per-instance key where larger means "keep" for each selection method."""
+    n_tokens = scores.column("n_tokens").to_numpy().astype(np.float64)
+    if method == "difference":
+        return scores.column("score").to_numpy()
+    if method == "teacher":  # lowest teacher NLL per token = highest mean log-prob
+        return scores.column("teacher_logprob").to_numpy() / n_tokens
+    if method == "reference":
+        return scores.column("ref_logprob").to_numpy() / n_tokens
+    return np.random.default_rng(seed).random(len(n_tokens))
+
+
+def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
+    manifest = read_manifest(scores_dir)
+    if manifest is None or manifest.get("stage") != "score":
+        raise RefineError(
+            f"{str(scores_dir)!r} is not a finished scores directory (no manifest.json from `refine score`); "
+            "check the path or finish the scoring run"
+        )
+    shards = sorted((scores_dir / DATA_DIR).glob("scores-*.parquet"))
+    table = pa.concat_tables(pq.read_table(p) for p in shards)
+    if table.num_rows != manifest["n_instances"]:
+        raise RefineError(
+            f"{str(scores_dir)!r} holds {table.num_rows} scores but its manifest says {manifest['n_instances']}; rescore"
+        )
+    return table, manifest
+
+
+def sample(cfg: SampleConfig) -> dict:
+    """Write the kept instances (original columns + score columns) as a dataset directory; return its manifest."""
+    validate(cfg)
+    scores_dir, output = Path(cfg.scores), Path(cfg.output)
+    scores, score_manifest = read_scores(scores_dir)
+    claim_output_dir(output, cfg.overwrite)
+
+    keys = selection_keys(scores, cfg.method, cfg.seed)
+    kept = select_top_fraction(keys, scores.column("id").to_numpy(zero_copy_only=False), cfg.alpha)
+    kept_scores = scores.take(kept)
+    data_spec = score_manifest["data"]
+    if score_manifest["settings"]["unit"] == "chunk":
+        if cfg.data is not None:
+            _check_same_corpus(cfg.data, data_spec)
+        refined = kept_scores
+    else:
+        refined = _join_documents(cfg.data or data_spec["source"], data_spec, kept_scores)
+
+    threshold = float(np.min(keys[kept])) if len(kept) else None
+    manifest = {
+        "stage": "sample",
+        **run_info(),
+        "method": cfg.method,
+        "alpha": cfg.alpha,
+        "seed": cfg.seed if cfg.method == "random" else None,
+        "threshold": threshold if cfg.method != "random" else None,
+        "instances_before": scores.num_rows,
+        "instances_after": refined.num_rows,
+        "tokens_before": int(pc_sum(scores, "n_tokens")),
+        "tokens_after": int(pc_sum(refined, "n_tokens")),
+        "score_stats": _stats(scores.column("score").to_numpy()),
+        "scores": score_manifest,
+    }
+    _write_dataset(output, refined, manifest, cfg.shard_size_mb)
+    return manifest
+
+
+def pc_sum(table: pa.Table, column: str) -> float:
+    return float(table.column(column).to_numpy().sum()) if table.num_rows else 0.0
+
+
+def _stats(values: np.ndarray) -> dict:
+    quantiles = np.quantile(values, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    return {"mean": float(values.mean()), "std": float(values.std()),
+            **{f"q{int(q * 100):02d}": float(v) for q, v in zip([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], quantiles)}}
+
+
+def _check_same_corpus(source: str, data_spec: dict):
+    ds = corpus.load_corpus(source, data_spec["split"], data_spec["name"])
+    corpus.check_columns(ds, data_spec["text_column"], data_spec["id_column"], source)
+    if len(ds) != data_spec["n_rows"]:
+        raise RefineError(
+            f"corpus {source!r} has {len(ds)} rows but was scored with {data_spec['n_rows']}; "
+            "give the corpus the scores were made from, or rescore"
+        )
+    if corpus.corpus_fingerprint(ds, data_spec["text_column"], data_spec["id_column"]) != data_spec["fingerprint"]:
+        raise RefineError(
+            f"corpus {source!r} differs from the one that was scored (content fingerprint mismatch); "
+            "give the corpus the scores were made from, or rescore"
+        )
+    return ds
+
+
+def _join_documents(source: str, data_spec: dict, kept_scores: pa.Table) -> pa.Table:
+    """Original rows of the kept documents (in corpus order) with the score columns beside them."""
+    ds = _check_same_corpus(source, data_spec)
+    id_column = data_spec["id_column"]
+    kept_ids = kept_scores.column("id").to_pylist()
+    if id_column is None:
+        rows = np.asarray(kept_ids, dtype=np.int64)
+    else:
+        position = {value: row for row, value in enumerate(ds[id_column])}
+        rows = np.asarray([position[i] for i in kept_ids], dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    table = ds.select(rows[order]).with_format("arrow")[:]
+    aligned = kept_scores.take(order)
+    if id_column is None:
+        table = table.append_column("id", aligned.column("id")) if "id" not in table.column_names else table
+    for column in SCORE_COLUMNS:
+        name = column if column not in table.column_names else f"refine_{column}"
+        table = table.append_column(name, aligned.column(column))
+    return table
+
+
+def _write_dataset(output: Path, table: pa.Table, manifest: dict, shard_size_mb: int) -> None:
+    """Build the whole directory beside `output`, then rename it into place: complete or absent."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        n_shards = max(1, math.ceil(table.nbytes / (shard_size_mb * 2**20)))
+        rows_per_shard = math.ceil(table.num_rows / n_shards) if table.num_rows else 0
+        for k in range(n_shards):
+            shard = table.slice(k * rows_per_shard, rows_per_shard)
+            write_parquet(staging / DATA_DIR / f"train-{k:05d}-of-{n_shards:05d}.parquet", shard)
+        description = (
+            f"Refined with `refine sample --method {manifest['method']} --alpha {manifest['alpha']}`: "
+            f"{manifest['instances_after']} of {manifest['instances_before']} instances, "
+            f"{manifest['tokens_after']} of {manifest['tokens_before']} tokens."
+        )
+        write_text(staging / "README.md", dataset_card("refine refined corpus", description, _card_summary(manifest)))
+        write_json(staging / MANIFEST, manifest)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _card_summary(manifest: dict) -> dict:
+    scores = manifest["scores"]
+    return {
+        "method": manifest["method"],
+        "alpha": manifest["alpha"],
+        "threshold": manifest["threshold"],
+        "instances": [manifest["instances_before"], manifest["instances_after"]],
+        "tokens": [manifest["tokens_before"], manifest["tokens_after"]],
+        "teacher": scores["teacher"],
+        "reference": scores["reference"],
+        "source": scores["data"]["source"],
+        "refine_version": manifest["refine_version"],
+        "created": manifest["created"],
+    }

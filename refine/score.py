@@ -1,0 +1,256 @@
+"""`refine score`: teacher and reference read the same tokens; each instance gets log p_T - log p_R per token.
+
+Conventions (also in the README):
+- unit=document: the tokenizer's BOS (or EOS where it has no BOS) is put before the document as
+  context and is not scored; no EOS is appended. `n_tokens` is the number of document tokens, every
+  one of them predicted once. A document longer than `max_length` is cut into windows that overlap by
+  one token (the last token of a window is the context of the next), so no token is lost or counted twice.
+- unit=chunk: documents are joined with EOS after each and cut into `max_length`-token chunks (MiniPLM);
+  the first token of a chunk is context, so `n_tokens = len(chunk) - 1`. Chunks do not cross shards.
+- `teacher_logprob`, `ref_logprob`: natural-log sums over the predicted tokens.
+  `score = (teacher_logprob - ref_logprob) / n_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from refine import data as corpus
+from refine import models
+from refine.config import ScoreConfig
+from refine.errors import RefineError
+from refine.logprobs import length_batches, pad_batch, token_logprobs
+from refine.output import (
+    DATA_DIR,
+    MANIFEST,
+    claim_output_dir,
+    dataset_card,
+    run_info,
+    write_json,
+    write_parquet,
+    write_text,
+)
+
+UNITS = ("document", "chunk")
+RUN_FILE = "run.json"
+
+
+def validate(cfg: ScoreConfig) -> None:
+    problems = []
+    if cfg.unit not in UNITS:
+        problems.append(f"--unit {cfg.unit!r} is not known; choose document or chunk")
+    if cfg.max_length < 2:
+        problems.append(f"--max-length {cfg.max_length} is too short; use at least 2 tokens")
+    if cfg.max_tokens_per_batch < cfg.max_length:
+        problems.append(
+            f"--max-tokens-per-batch {cfg.max_tokens_per_batch} is below --max-length {cfg.max_length}; raise it"
+        )
+    if cfg.shard_size < 1:
+        problems.append(f"--shard-size {cfg.shard_size} must be at least 1")
+    if problems:
+        raise RefineError(*problems)
+
+
+def document_windows(token_ids: list[int], start_id: int, max_length: int) -> list[list[int]]:
+    """Cut [start] + document into windows of at most `max_length` that predict each token exactly once."""
+    sequence = [start_id] + list(token_ids)
+    step = max_length - 1
+    return [sequence[s : s + max_length] for s in range(0, len(sequence) - 1, step)]
+
+
+def corpus_chunks(documents: list[list[int]], eos_id: int, max_length: int) -> list[list[int]]:
+    """Join documents with EOS after each and cut the stream into `max_length` chunks (last one shorter)."""
+    stream = [t for doc in documents for t in (*doc, eos_id)]
+    chunks = [stream[s : s + max_length] for s in range(0, len(stream), max_length)]
+    return [c for c in chunks if len(c) >= 2]
+
+
+def sequence_logprobs(model, sequences: list[list[int]], max_tokens_per_batch: int, device) -> np.ndarray:
+    """Sum of log p(token | prefix) over tokens 1.. of each sequence (token 0 is context), as float64."""
+    totals = np.zeros(len(sequences), dtype=np.float64)
+    for batch in length_batches([len(s) for s in sequences], max_tokens_per_batch):
+        input_ids, attention_mask = pad_batch([sequences[i] for i in batch])
+        lp = token_logprobs(model, input_ids.to(device), attention_mask.to(device))
+        totals[batch] = lp.double().sum(dim=1).cpu().numpy()
+    return totals
+
+
+def score_sequences(teacher, reference, sequences, max_tokens_per_batch, device, progress=None):
+    """(teacher_logprob, ref_logprob) sums per sequence; both models read the same padded batches."""
+    teacher_lp = np.zeros(len(sequences), dtype=np.float64)
+    ref_lp = np.zeros(len(sequences), dtype=np.float64)
+    for batch in length_batches([len(s) for s in sequences], max_tokens_per_batch):
+        input_ids, attention_mask = pad_batch([sequences[i] for i in batch])
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        teacher_lp[batch] = token_logprobs(teacher, input_ids, attention_mask).double().sum(1).cpu().numpy()
+        ref_lp[batch] = token_logprobs(reference, input_ids, attention_mask).double().sum(1).cpu().numpy()
+        if progress is not None:
+            progress.update(sum(len(sequences[i]) - 1 for i in batch))
+    return teacher_lp, ref_lp
+
+
+def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: dict | None = None) -> pa.Table:
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    columns = {
+        "id": pa.array(ids, type=id_type),
+        "n_tokens": pa.array(n_tokens),
+        "teacher_logprob": pa.array(teacher_lp, type=pa.float64()),
+        "ref_logprob": pa.array(ref_lp, type=pa.float64()),
+        "score": pa.array((np.asarray(teacher_lp) - np.asarray(ref_lp)) / np.maximum(n_tokens, 1), type=pa.float64()),
+    }
+    columns.update(extra or {})
+    return pa.table(columns)
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Score every instance of `cfg.data`; write Parquet shards and, last, manifest.json. Returns the manifest."""
+    validate(cfg)
+    started = time.time()
+    output = Path(cfg.output)
+    claim_output_dir(output, cfg.overwrite)
+
+    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
+    corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
+    ids = corpus.document_ids(ds, cfg.id_column)
+    id_type = pa.string() if cfg.unit == "chunk" else corpus.arrow_type_for_ids(ids)
+    fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column)
+
+    tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
+    ref_tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
+    if models.tokenizer_fingerprint(tokenizer) != models.tokenizer_fingerprint(ref_tokenizer):
+        raise RefineError(
+            f"teacher {cfg.teacher!r} and reference {cfg.reference!r} tokenize differently; "
+            "train the reference with the teacher's tokenizer (refine pretrain --tokenizer TEACHER)"
+        )
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise RefineError(f"tokenizer of {cfg.teacher!r} has neither a BOS nor an EOS token; refine needs one of them")
+
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    teacher = models.load_causal_lm(cfg.teacher, cfg.teacher_revision, dtype, device, cfg.trust_remote_code)
+    reference = models.load_causal_lm(cfg.reference, cfg.reference_revision, dtype, device, cfg.trust_remote_code)
+    too_short = [
+        f"--max-length {cfg.max_length} exceeds the {n} positions of {role} {ref!r}; lower --max-length"
+        for role, ref, m in (("teacher", cfg.teacher, teacher), ("reference", cfg.reference, reference))
+        if (n := models.max_positions(m.config)) is not None and cfg.max_length > n
+    ]
+    if too_short:
+        raise RefineError(*too_short)
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "device")}
+    run = {
+        "settings": settings,
+        "data_fingerprint": fingerprint,
+        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
+        "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
+        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+                      "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
+    }
+    _claim_run(output, run, cfg.overwrite)
+
+    n_rows = len(ds)
+    n_blank = 0
+    shard_starts = range(0, n_rows, cfg.shard_size)
+    progress = tqdm(total=0, unit="tok", desc="scoring", dynamic_ncols=True)
+    for shard_index, first in enumerate(shard_starts):
+        last = min(first + cfg.shard_size, n_rows)
+        path = output / DATA_DIR / f"scores-{first:012d}-{last:012d}.parquet"
+        texts = ds[first:last][cfg.text_column]
+        blank = [corpus.is_blank(t) for t in texts]
+        n_blank += sum(blank)
+        if path.exists():  # finished by an earlier run of the same command
+            continue
+        rows = [i for i, b in enumerate(blank) if not b]
+        token_ids = tokenizer([texts[i] for i in rows], add_special_tokens=False, verbose=False)["input_ids"]
+        if cfg.unit == "document":
+            table = _score_documents(
+                [ids[first + i] for i in rows], token_ids, start_id, teacher, reference, cfg, device, progress, id_type
+            )
+        else:
+            table = _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, device, progress)
+        write_parquet(path, table)
+    progress.close()
+
+    if n_blank == n_rows:
+        raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
+    shards = sorted((output / DATA_DIR).glob("scores-*.parquet"))
+    n_tokens = sum(pq.read_table(p, columns=["n_tokens"]).column(0).to_numpy().sum() for p in shards)
+    manifest = {
+        "stage": "score",
+        **run_info(),
+        **run,
+        "data": {
+            "source": cfg.data,
+            "split": cfg.split,
+            "name": cfg.name,
+            "text_column": cfg.text_column,
+            "id_column": cfg.id_column,
+            "fingerprint": fingerprint,
+            "n_rows": n_rows,
+            "n_blank_skipped": n_blank,
+        },
+        "n_instances": sum(pq.read_metadata(p).num_rows for p in shards),
+        "n_tokens": int(n_tokens),
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest))
+    write_json(output / MANIFEST, manifest)
+    return manifest
+
+
+def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, device, progress, id_type) -> pa.Table:
+    windows, owner = [], []
+    for doc, tokens in enumerate(token_ids):
+        for window in document_windows(tokens, start_id, cfg.max_length):
+            windows.append(window)
+            owner.append(doc)
+    progress.total += sum(len(w) - 1 for w in windows)
+    progress.refresh()
+    window_teacher, window_ref = score_sequences(teacher, reference, windows, cfg.max_tokens_per_batch, device, progress)
+    teacher_lp = np.zeros(len(token_ids))
+    ref_lp = np.zeros(len(token_ids))
+    np.add.at(teacher_lp, owner, window_teacher)
+    np.add.at(ref_lp, owner, window_ref)
+    return score_table(doc_ids, [len(t) for t in token_ids], teacher_lp, ref_lp, id_type)
+
+
+def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, device, progress) -> pa.Table:
+    chunks = corpus_chunks(token_ids, tokenizer.eos_token_id, cfg.max_length)
+    progress.total += sum(len(c) - 1 for c in chunks)
+    progress.refresh()
+    teacher_lp, ref_lp = score_sequences(teacher, reference, chunks, cfg.max_tokens_per_batch, device, progress)
+    extra = {
+        cfg.text_column: pa.array(tokenizer.batch_decode(chunks), type=pa.string()),
+        "input_ids": pa.array(chunks, type=pa.list_(pa.int32())),
+    }
+    chunk_ids = [f"s{shard_index:06d}c{k:06d}" for k in range(len(chunks))]
+    return score_table(chunk_ids, [len(c) - 1 for c in chunks], teacher_lp, ref_lp, pa.string(), extra)
+
+
+def _claim_run(output: Path, run: dict, overwrite: bool) -> None:
+    """Start a run in `output`, or continue one with identical settings; refuse a different unfinished run."""
+    path = output / RUN_FILE
+    if path.exists():
+        if json.loads(path.read_text()) == json.loads(json.dumps(run, default=str)):
+            return
+        if not overwrite:
+            raise RefineError(
+                f"output {str(output)!r} holds an unfinished run with other settings, data or models; "
+                "rerun the same command to resume it, pass --overwrite to discard it, or choose another --output"
+            )
+        shutil.rmtree(output)
+    elif output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise RefineError(f"output {str(output)!r} is not empty; pass --overwrite or choose another --output")
+        shutil.rmtree(output)
+    write_json(path, run)

@@ -1,0 +1,84 @@
+"""Tiny real models, tokenizers and corpora, built offline in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+TINY = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=False),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=512),
+    "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=4),
+}
+
+
+def small_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in-process on the json module's source: offline, deterministic, any text encodes."""
+    import inspect
+    import json as json_module
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|bos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator([inspect.getsource(json_module)] * 2, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|bos|>")
+
+
+def tiny_model(model_type: str, tokenizer, seed: int = 0):
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, **TINY[model_type])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_model(directory: Path, model_type: str, seed: int = 0) -> Path:
+    tokenizer = small_tokenizer()
+    model = tiny_model(model_type, tokenizer, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("teacher"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("reference"), "qwen2", seed=2)
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "   ",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore. " * 3,
+    "x",
+    "Data refining keeps hard, valuable text and drops noise: zq9#kx@@!!vv",
+    "",
+    "Short one.",
+    "A longer document about language models, which assign probabilities to sequences of tokens. " * 2,
+    "Ünïcödé tëxt — with dashes and 東京.",
+]
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i, text in enumerate(CORPUS):
+            f.write(json.dumps({"text": text, "source": "even" if i % 2 == 0 else "odd"}) + "\n")
+    return path
