@@ -31,7 +31,6 @@ class CorpusArgs:
     split: str = option("train", "Split to read when DATA is a hub dataset or a dataset dict.")
     name: Optional[str] = option(None, "Configuration (subset) name of a hub dataset.")
     text_column: str = option("text", "Column holding each document's text.")
-    id_column: Optional[str] = option(None, "Column with a unique id per document; default: the row index.")
 
 
 @dataclass
@@ -46,6 +45,7 @@ class ScoreConfig(CorpusArgs):
         "Must use the teacher's tokenizer."
     )
     output: Optional[str] = required("Directory for the scores (Parquet shards + manifest.json).")
+    id_column: Optional[str] = option(None, "Column with a unique id per document; default: the row index.")
     teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     reference_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the reference.")
     unit: str = option(

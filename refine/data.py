@@ -10,6 +10,7 @@ from typing import Optional
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from refine.errors import RefineError
 
@@ -134,6 +135,13 @@ def check_columns(ds: datasets.Dataset, text_column: str, id_column: Optional[st
         raise RefineError(*problems)
     if len(ds) == 0:
         raise RefineError(f"corpus {source!r} is empty; give a corpus with at least one document")
+    try:  # some readers (pyarrow's JSON reader) accept invalid UTF-8 and fail only when a row is read
+        ds.data.column(text_column).validate(full=True)
+    except pa.ArrowInvalid:
+        raise RefineError(
+            f"column {text_column!r} of {source!r} holds bytes that are not valid UTF-8; "
+            "re-encode the corpus as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def _is_string(feature) -> bool:
@@ -152,6 +160,13 @@ def document_ids(ds: datasets.Dataset, id_column: Optional[str]) -> list:
 
 def is_blank(text: Optional[str]) -> bool:
     return text is None or not text.strip()
+
+
+def count_blank(ds: datasets.Dataset, text_column: str) -> int:
+    """Number of null, empty or whitespace-only documents."""
+    column = ds.data.column(text_column)
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    return int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
 
 
 def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Optional[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,15 +73,25 @@ def run_info() -> dict:
     }
 
 
-def dataset_card(title: str, description: str, manifest: dict) -> str:
-    """A README.md whose front matter tells `datasets.load_dataset(dir)` where the data files are."""
+def content_tag(value) -> str:
+    """Short hash put into data file names (see dataset_card)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def dataset_card(title: str, description: str, manifest: dict, data_pattern: str) -> str:
+    """A README.md whose front matter tells `datasets.load_dataset(dir)` where the data files are.
+
+    `datasets` caches a local folder with a card by folder name and file pattern, not by content: two
+    runs into folders of the same name would read each other's cache. So data file names, and the
+    pattern here, carry a content tag.
+    """
     front_matter = (
         "---\n"
         "configs:\n"
         "- config_name: default\n"
         "  data_files:\n"
         "  - split: train\n"
-        f"    path: {DATA_DIR}/*.parquet\n"
+        f"    path: {DATA_DIR}/{data_pattern}\n"
         "tags:\n"
         "- refine\n"
         "---\n"

@@ -99,7 +99,8 @@ def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def build_model(cfg: PretrainConfig, tokenizer):
+def student_config(cfg: PretrainConfig, tokenizer):
+    """The architecture config, sized to the tokenizer; refuses a --seq-len beyond its positions."""
     config = models.load_model_config(cfg.model_config, cfg.trust_remote_code)
     config.vocab_size = len(tokenizer)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -110,6 +111,10 @@ def build_model(cfg: PretrainConfig, tokenizer):
         raise RefineError(
             f"--seq-len {cfg.seq_len} exceeds the {limit} positions of model config {cfg.model_config!r}; lower --seq-len"
         )
+    return config
+
+
+def build_model(cfg: PretrainConfig, config):
     torch.manual_seed(cfg.seed)
     try:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
@@ -225,6 +230,7 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
     tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
+    model_config = student_config(cfg, tokenizer)
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, None, cfg.data)
     texts = [t for t in ds[cfg.text_column] if not corpus.is_blank(t)]
@@ -249,7 +255,7 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
     # ---- model, optimizer, schedule
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, model_config).to(device)
     model.train()
     steps = total_steps(cfg)
     optimizer = make_optimizer(model, cfg, device)

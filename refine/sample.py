@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from refine import data as corpus
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, MANIFEST, claim_output_dir, dataset_card, read_manifest, run_info, write_json, write_parquet, write_text
+from refine.output import DATA_DIR, MANIFEST, claim_output_dir, content_tag, dataset_card, read_manifest, run_info, write_json, write_parquet, write_text
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -66,7 +66,7 @@ def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
             f"{str(scores_dir)!r} is not a finished scores directory (no manifest.json from `refine score`); "
             "check the path or finish the scoring run"
         )
-    shards = sorted((scores_dir / DATA_DIR).glob("scores-*.parquet"))
+    shards = sorted(scores_dir.glob(manifest["data_files"]))
     table = pa.concat_tables(pq.read_table(p) for p in shards)
     if table.num_rows != manifest["n_instances"]:
         raise RefineError(
@@ -164,17 +164,18 @@ def _write_dataset(output: Path, table: pa.Table, manifest: dict, shard_size_mb:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
+        tag = content_tag(manifest)
         n_shards = max(1, math.ceil(table.nbytes / (shard_size_mb * 2**20)))
         rows_per_shard = math.ceil(table.num_rows / n_shards) if table.num_rows else 0
         for k in range(n_shards):
             shard = table.slice(k * rows_per_shard, rows_per_shard)
-            write_parquet(staging / DATA_DIR / f"train-{k:05d}-of-{n_shards:05d}.parquet", shard)
+            write_parquet(staging / DATA_DIR / f"train-{tag}-{k:05d}-of-{n_shards:05d}.parquet", shard)
         description = (
             f"Refined with `refine sample --method {manifest['method']} --alpha {manifest['alpha']}`: "
             f"{manifest['instances_after']} of {manifest['instances_before']} instances, "
             f"{manifest['tokens_after']} of {manifest['tokens_before']} tokens."
         )
-        write_text(staging / "README.md", dataset_card("refine refined corpus", description, _card_summary(manifest)))
+        write_text(staging / "README.md", dataset_card("refine refined corpus", description, _card_summary(manifest), f"train-{tag}-*.parquet"))
         write_json(staging / MANIFEST, manifest)
         if output.exists():
             shutil.rmtree(output)

@@ -33,6 +33,7 @@ from refine.output import (
     DATA_DIR,
     MANIFEST,
     claim_output_dir,
+    content_tag,
     dataset_card,
     run_info,
     write_json,
@@ -123,6 +124,9 @@ def score(cfg: ScoreConfig) -> dict:
     ids = corpus.document_ids(ds, cfg.id_column)
     id_type = pa.string() if cfg.unit == "chunk" else corpus.arrow_type_for_ids(ids)
     fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column)
+    n_rows, n_blank = len(ds), corpus.count_blank(ds, cfg.text_column)
+    if n_blank == n_rows:
+        raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
 
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     ref_tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
@@ -157,17 +161,15 @@ def score(cfg: ScoreConfig) -> dict:
                       "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
     }
     _claim_run(output, run, cfg.overwrite)
+    tag = content_tag(run)
 
-    n_rows = len(ds)
-    n_blank = 0
     shard_starts = range(0, n_rows, cfg.shard_size)
     progress = tqdm(total=0, unit="tok", desc="scoring", dynamic_ncols=True)
     for shard_index, first in enumerate(shard_starts):
         last = min(first + cfg.shard_size, n_rows)
-        path = output / DATA_DIR / f"scores-{first:012d}-{last:012d}.parquet"
+        path = output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
         texts = ds[first:last][cfg.text_column]
         blank = [corpus.is_blank(t) for t in texts]
-        n_blank += sum(blank)
         if path.exists():  # finished by an earlier run of the same command
             continue
         rows = [i for i, b in enumerate(blank) if not b]
@@ -181,9 +183,7 @@ def score(cfg: ScoreConfig) -> dict:
         write_parquet(path, table)
     progress.close()
 
-    if n_blank == n_rows:
-        raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
-    shards = sorted((output / DATA_DIR).glob("scores-*.parquet"))
+    shards = sorted((output / DATA_DIR).glob(f"scores-{tag}-*.parquet"))
     n_tokens = sum(pq.read_table(p, columns=["n_tokens"]).column(0).to_numpy().sum() for p in shards)
     manifest = {
         "stage": "score",
@@ -199,11 +199,12 @@ def score(cfg: ScoreConfig) -> dict:
             "n_rows": n_rows,
             "n_blank_skipped": n_blank,
         },
+        "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
         "n_instances": sum(pq.read_metadata(p).num_rows for p in shards),
         "n_tokens": int(n_tokens),
         "elapsed_s": round(time.time() - started, 1),
     }
-    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest))
+    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest, f"scores-{tag}-*.parquet"))
     write_json(output / MANIFEST, manifest)
     return manifest
 

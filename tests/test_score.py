@@ -1,0 +1,116 @@
+import json
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CORPUS, save_tiny_model
+from refine.config import ScoreConfig
+from refine.errors import RefineError
+from refine.score import score
+from test_logprobs import straightforward_logprobs
+
+
+def read_scores(directory):
+    return datasets.load_dataset(str(directory), split="train").to_pandas().set_index("id")
+
+
+def run_score(data, teacher, reference, output, **kwargs):
+    cfg = dict(data=str(data), teacher=str(teacher), reference=str(reference), output=str(output), max_length=16,
+               max_tokens_per_batch=64)
+    return score(ScoreConfig(**{**cfg, **kwargs}))
+
+
+def test_document_logprobs_equal_independent_sums(tmp_path, teacher_dir, reference_dir, corpus_file):
+    manifest = run_score(corpus_file, teacher_dir, reference_dir, tmp_path / "scores")
+    table = read_scores(tmp_path / "scores")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    models = {"teacher_logprob": AutoModelForCausalLM.from_pretrained(teacher_dir),
+              "ref_logprob": AutoModelForCausalLM.from_pretrained(reference_dir)}
+    blank = [i for i, t in enumerate(CORPUS) if not t.strip()]
+    assert sorted(table.index) == [i for i in range(len(CORPUS)) if i not in blank]
+    assert manifest["data"]["n_blank_skipped"] == len(blank)
+    long_docs = 0
+    for doc_id, row in table.iterrows():
+        tokens = tokenizer(CORPUS[doc_id], add_special_tokens=False)["input_ids"]
+        sequence = [tokenizer.bos_token_id] + tokens
+        assert row["n_tokens"] == len(tokens)
+        long_docs += len(sequence) > 16
+        for column, model in models.items():
+            # independent: windows of 16 that share one token of context, full logits of each
+            expected = sum(
+                straightforward_logprobs(model, sequence[s : s + 16]).double().sum().item()
+                for s in range(0, len(sequence) - 1, 15)
+            )
+            assert row[column] == pytest.approx(expected, abs=1e-3)
+            if len(sequence) <= 16:  # one window: must equal the plain whole-document log-prob
+                assert row[column] == pytest.approx(straightforward_logprobs(model, sequence).sum().item(), abs=1e-3)
+        assert row["score"] == pytest.approx((row["teacher_logprob"] - row["ref_logprob"]) / row["n_tokens"])
+    assert long_docs >= 3
+
+
+def test_chunk_unit_scores_fixed_chunks(tmp_path, teacher_dir, reference_dir, corpus_file):
+    manifest = run_score(corpus_file, teacher_dir, reference_dir, tmp_path / "scores", unit="chunk", max_length=32)
+    table = datasets.load_dataset(str(tmp_path / "scores"), split="train").to_pandas()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    stream = [t for text in CORPUS if text.strip() for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert table["input_ids"].map(len).sum() == len(stream)
+    assert all(n == len(ids) - 1 for n, ids in zip(table["n_tokens"], table["input_ids"]))
+    assert all(len(ids) == 32 for ids in table["input_ids"][:-1])
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    first = table.iloc[0]
+    assert first["teacher_logprob"] == pytest.approx(straightforward_logprobs(teacher, list(first["input_ids"])).sum().item(), abs=1e-3)
+    assert manifest["n_instances"] == len(table)
+
+
+def test_rerun_resumes_and_gives_identical_scores(tmp_path, teacher_dir, reference_dir, corpus_file):
+    out = tmp_path / "scores"
+    run_score(corpus_file, teacher_dir, reference_dir, out, shard_size=3)
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert len(shards) == 4
+    before = read_scores(out)
+    # a crash after two shards: the rest and the manifest are missing
+    for path in [*shards[2:], out / "manifest.json", out / "README.md"]:
+        path.unlink()
+    mtime = shards[0].stat().st_mtime_ns
+    run_score(corpus_file, teacher_dir, reference_dir, out, shard_size=3)
+    assert shards[0].stat().st_mtime_ns == mtime  # finished shard was not redone
+    after = read_scores(out)
+    assert after.equals(before)
+
+
+def test_unfinished_run_with_other_settings_is_refused(tmp_path, teacher_dir, reference_dir, corpus_file):
+    out = tmp_path / "scores"
+    run_score(corpus_file, teacher_dir, reference_dir, out, shard_size=3)
+    (out / "manifest.json").unlink()
+    with pytest.raises(RefineError, match="other settings"):
+        run_score(corpus_file, teacher_dir, reference_dir, out, shard_size=3, max_length=8)
+
+
+def test_finished_output_needs_overwrite(tmp_path, teacher_dir, reference_dir, corpus_file):
+    out = tmp_path / "scores"
+    run_score(corpus_file, teacher_dir, reference_dir, out)
+    with pytest.raises(RefineError, match="--overwrite"):
+        run_score(corpus_file, teacher_dir, reference_dir, out)
+    run_score(corpus_file, teacher_dir, reference_dir, out, overwrite=True, max_length=8)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["max_length"] == 8
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, teacher_dir, corpus_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import small_tokenizer
+
+    other = small_tokenizer(vocab_size=350)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(other), n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(RefineError, match="tokenize differently"):
+        run_score(corpus_file, teacher_dir, tmp_path / "other", tmp_path / "scores")
+    assert not (tmp_path / "scores").exists()
+
+
+def test_max_length_beyond_model_positions_is_refused(tmp_path, teacher_dir, corpus_file):
+    with pytest.raises(RefineError, match="positions"):
+        run_score(corpus_file, teacher_dir, teacher_dir, tmp_path / "scores", max_length=4096, max_tokens_per_batch=8192)
