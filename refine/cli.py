@@ -6,6 +6,8 @@ flags the user actually typed; real defaults live in refine.config.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from typing import Optional
 
@@ -62,18 +64,26 @@ def score_command(
     shard_size: Optional[int] = _opt(ScoreConfig, "shard_size", "--shard-size"),
     device: Optional[str] = _opt(ScoreConfig, "device", "--device"),
     dtype: Optional[str] = _opt(ScoreConfig, "dtype", "--dtype"),
+    compile: Optional[bool] = _opt(ScoreConfig, "compile", "--compile/--no-compile"),
+    nproc: Optional[int] = _opt(ScoreConfig, "nproc", "--nproc"),
     trust_remote_code: Optional[bool] = _opt(ScoreConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
     overwrite: Optional[bool] = _opt(ScoreConfig, "overwrite", "--overwrite/--no-overwrite"),
 ):
     """Score every instance: log p_teacher(x) - log p_ref(x) per token, with both log-probs and token counts.
 
     Writes Parquet shards (columns id, n_tokens, teacher_logprob, ref_logprob, score) and manifest.json.
-    Rerunning an interrupted command continues where it stopped.
+    Rerunning an interrupted command continues where it stopped. Many GPUs or nodes: `--nproc N`, or
+    `torchrun --nproc_per_node N [--nnodes ...] -m refine score ...`.
     """
     from refine.score import score
 
     overrides = {k: v for k, v in locals().items() if k not in ("config", "score")}
+    cfg = _run(ScoreConfig, config, overrides, lambda c: c)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(cfg.nproc)
     manifest = _run(ScoreConfig, config, overrides, score)
+    if "rank" in manifest:  # not rank 0: rank 0 reports
+        return
     typer.echo(
         f"scored {manifest['n_instances']} instances ({manifest['n_tokens']} tokens) in {manifest['elapsed_s']} s; "
         f"skipped {manifest['data']['n_blank_skipped']} empty or whitespace-only documents"
@@ -148,6 +158,21 @@ def pretrain_command(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "pretrain")}
     m = _run(PretrainConfig, config, overrides, pretrain)
     typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with `nproc` processes, then exit with its status."""
+    from refine.distributed import torchrun_command
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    raise typer.Exit(subprocess.run(torchrun_command(nproc, args)).returncode)
 
 
 def main() -> None:

@@ -55,12 +55,16 @@ class ScoreConfig(CorpusArgs):
         "token chunks, as in MiniPLM.",
     )
     max_length: int = option(1024, "Longest sequence (tokens) a model reads in one forward pass.")
-    max_tokens_per_batch: int = option(
-        8192, "Token budget of one batch (sequences x padded length); batches are filled with similar lengths."
+    max_tokens_per_batch: Optional[int] = option(
+        None,
+        "Token budget of one batch (sequences x padded length); batches are filled with similar lengths. "
+        "Default: 1024 (or --max-length if longer) on CPU; on CUDA start at 262144 and halve on out-of-memory.",
     )
     shard_size: int = option(10000, "Documents per output shard; each finished shard is written atomically.")
-    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.")
     dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`.")
+    compile: bool = option(False, "Compile the models' bodies with torch.compile (dynamic shapes); pays off on long runs.")
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.")
     trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
     overwrite: bool = option(False, "Replace an output directory that already holds a result.")
 

@@ -11,8 +11,9 @@ import inspect
 
 import torch
 
-# Size of one (chunk tokens x vocabulary) fp32 logits block.
-LOGITS_CHUNK_BYTES = 256 * 2**20
+# Size of one (chunk tokens x vocabulary) fp32 logits block: ~500 tokens of a 49k vocabulary, which
+# measured faster on CPU than 128 or 1024 tokens per chunk (cache-sized blocks).
+LOGITS_CHUNK_BYTES = 96 * 2**20
 
 
 def _body_accepts_attention_mask(body) -> bool:
@@ -43,10 +44,25 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out
 
 
+def _fused_kernel():
+    """Apple's cut-cross-entropy (`pip install refine[cuda]`), used on CUDA when installed."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+    return linear_cross_entropy
+
+
 def _head_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    fused = _fused_kernel() if hidden.is_cuda and hidden.shape[0] > 0 else None
+    if fused is not None:
+        # Never forms the (N, V) logits at all: loss = logsumexp - target logit, computed blockwise on chip.
+        extra = {"bias": head.bias} if head.bias is not None else {}
+        loss = fused(hidden, head.weight, targets, softcap=softcap, reduction="none", **extra)
+        return -loss.float()
     vocab = head.weight.shape[0]
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     pieces = []
     for start in range(0, hidden.shape[0], chunk):
         logits = head(hidden[start : start + chunk]).float()  # (chunk, V)

@@ -16,23 +16,25 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tqdm.auto import tqdm
 
 from refine import data as corpus
 from refine import models
 from refine.config import ScoreConfig
+from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch, token_logprobs
 from refine.output import (
     DATA_DIR,
     MANIFEST,
-    claim_output_dir,
     content_tag,
     dataset_card,
     run_info,
@@ -51,10 +53,12 @@ def validate(cfg: ScoreConfig) -> None:
         problems.append(f"--unit {cfg.unit!r} is not known; choose document or chunk")
     if cfg.max_length < 2:
         problems.append(f"--max-length {cfg.max_length} is too short; use at least 2 tokens")
-    if cfg.max_tokens_per_batch < cfg.max_length:
+    if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.max_length:
         problems.append(
             f"--max-tokens-per-batch {cfg.max_tokens_per_batch} is below --max-length {cfg.max_length}; raise it"
         )
+    if cfg.nproc < 1:
+        problems.append(f"--nproc {cfg.nproc} must be at least 1")
     if cfg.shard_size < 1:
         problems.append(f"--shard-size {cfg.shard_size} must be at least 1")
     if problems:
@@ -75,28 +79,55 @@ def corpus_chunks(documents: list[list[int]], eos_id: int, max_length: int) -> l
     return [c for c in chunks if len(c) >= 2]
 
 
-def sequence_logprobs(model, sequences: list[list[int]], max_tokens_per_batch: int, device) -> np.ndarray:
+class TokenBudget:
+    """Tokens per batch (sequences x padded length). `None` picks one. On CPU 1024 (or one window):
+    small batches keep activations in cache, and 1024 scored 433 tokens/s against 299 for 8192 with the
+    SmolLM2-135M teacher on 2 cores. On CUDA start at 2**18 and halve whenever a batch runs out of
+    memory (that batch is then redone smaller)."""
+
+    def __init__(self, tokens: int | None, max_length: int, device: torch.device):
+        self.adaptive = tokens is None and device.type == "cuda"
+        self.tokens = tokens or (2**18 if device.type == "cuda" else 1024)
+        self.tokens = max(self.tokens, max_length)
+        self.max_length = max_length
+
+    def shrink(self) -> None:
+        if not self.adaptive or self.tokens // 2 < self.max_length:
+            raise RefineError(
+                f"out of GPU memory with a batch of {self.tokens} tokens; lower --max-tokens-per-batch or --max-length"
+            )
+        self.tokens //= 2
+        tqdm.write(f"out of GPU memory: token budget per batch halved to {self.tokens}")
+
+
+def sequence_logprobs(model, sequences: list[list[int]], max_tokens_per_batch: int | None, device) -> np.ndarray:
     """Sum of log p(token | prefix) over tokens 1.. of each sequence (token 0 is context), as float64."""
-    totals = np.zeros(len(sequences), dtype=np.float64)
-    for batch in length_batches([len(s) for s in sequences], max_tokens_per_batch):
-        input_ids, attention_mask = pad_batch([sequences[i] for i in batch])
-        lp = token_logprobs(model, input_ids.to(device), attention_mask.to(device))
-        totals[batch] = lp.double().sum(dim=1).cpu().numpy()
+    budget = TokenBudget(max_tokens_per_batch, max(len(s) for s in sequences), torch.device(device))
+    return score_sequences([model], sequences, budget, torch.device(device))[0]
+
+
+def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, device, progress=None) -> list[np.ndarray]:
+    """Per model, the log-prob sum of each sequence; all models read the same padded batches."""
+    totals = [np.zeros(len(sequences), dtype=np.float64) for _ in models_]
+    remaining = list(range(len(sequences)))
+    while remaining:
+        done = []
+        try:
+            for batch in length_batches([len(sequences[i]) for i in remaining], budget.tokens):
+                members = [remaining[j] for j in batch]
+                input_ids, attention_mask = pad_batch([sequences[i] for i in members])
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                for model, total in zip(models_, totals):
+                    total[members] = token_logprobs(model, input_ids, attention_mask).double().sum(1).cpu().numpy()
+                done.extend(members)
+                if progress is not None:
+                    progress.update(sum(len(sequences[i]) - 1 for i in members))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            budget.shrink()
+        finished = set(done)
+        remaining = [i for i in remaining if i not in finished]
     return totals
-
-
-def score_sequences(teacher, reference, sequences, max_tokens_per_batch, device, progress=None):
-    """(teacher_logprob, ref_logprob) sums per sequence; both models read the same padded batches."""
-    teacher_lp = np.zeros(len(sequences), dtype=np.float64)
-    ref_lp = np.zeros(len(sequences), dtype=np.float64)
-    for batch in length_batches([len(s) for s in sequences], max_tokens_per_batch):
-        input_ids, attention_mask = pad_batch([sequences[i] for i in batch])
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        teacher_lp[batch] = token_logprobs(teacher, input_ids, attention_mask).double().sum(1).cpu().numpy()
-        ref_lp[batch] = token_logprobs(reference, input_ids, attention_mask).double().sum(1).cpu().numpy()
-        if progress is not None:
-            progress.update(sum(len(sequences[i]) - 1 for i in batch))
-    return teacher_lp, ref_lp
 
 
 def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: dict | None = None) -> pa.Table:
@@ -109,16 +140,26 @@ def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: 
         "score": pa.array((np.asarray(teacher_lp) - np.asarray(ref_lp)) / np.maximum(n_tokens, 1), type=pa.float64()),
     }
     columns.update(extra or {})
-    return pa.table(columns)
+    # The token total rides in the file's metadata so the manifest needs no read of the columns.
+    return pa.table(columns).replace_schema_metadata({"refine_n_tokens": str(int(n_tokens.sum()))})
 
 
 def score(cfg: ScoreConfig) -> dict:
-    """Score every instance of `cfg.data`; write Parquet shards and, last, manifest.json. Returns the manifest."""
+    """Score every instance of `cfg.data`; write Parquet shards and, last, manifest.json. Returns the manifest.
+
+    Under torchrun each rank scores its own shards (round-robin) and rank 0 writes the manifest.
+    """
     validate(cfg)
+    world = init_world(cfg.device)
+    try:
+        return _score(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _score(cfg: ScoreConfig, world: World) -> dict:
     started = time.time()
     output = Path(cfg.output)
-    claim_output_dir(output, cfg.overwrite)
-
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
@@ -139,7 +180,7 @@ def score(cfg: ScoreConfig) -> dict:
     if start_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has neither a BOS nor an EOS token; refine needs one of them")
 
-    device = models.resolve_device(cfg.device)
+    device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
     teacher = models.load_causal_lm(cfg.teacher, cfg.teacher_revision, dtype, device, cfg.trust_remote_code)
     reference = models.load_causal_lm(cfg.reference, cfg.reference_revision, dtype, device, cfg.trust_remote_code)
@@ -150,8 +191,13 @@ def score(cfg: ScoreConfig) -> dict:
     ]
     if too_short:
         raise RefineError(*too_short)
+    if cfg.compile:
+        for model in (teacher, reference):
+            model.base_model.forward = torch.compile(model.base_model.forward, dynamic=True)
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "device")}
+    # Same-result settings only: device, process count and batch budget do not change the scores.
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("output", "overwrite", "device", "max_tokens_per_batch", "nproc", "compile")}
     run = {
         "settings": settings,
         "data_fingerprint": fingerprint,
@@ -160,31 +206,46 @@ def score(cfg: ScoreConfig) -> dict:
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
                       "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
     }
-    _claim_run(output, run, cfg.overwrite)
+    action = _check_output(output, run, cfg.overwrite)  # every rank decides alike, so every rank raises alike
+    world.barrier()
+    if world.is_main:
+        _prepare_output(output, run, action)
+    world.barrier()
+
     tag = content_tag(run)
+    shards = [(k, first, min(first + cfg.shard_size, n_rows)) for k, first in enumerate(range(0, n_rows, cfg.shard_size))]
+    shard_path = lambda first, last: output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
+    todo = [(k, first, last) for k, first, last in shards if world.owns(k) and not shard_path(first, last).exists()]
+    budget = TokenBudget(cfg.max_tokens_per_batch, cfg.max_length, device)
+    progress = tqdm(total=0, unit="tok", desc="scoring", dynamic_ncols=True, disable=not world.is_main)
 
-    shard_starts = range(0, n_rows, cfg.shard_size)
-    progress = tqdm(total=0, unit="tok", desc="scoring", dynamic_ncols=True)
-    for shard_index, first in enumerate(shard_starts):
-        last = min(first + cfg.shard_size, n_rows)
-        path = output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
+    def tokenize_shard(first: int, last: int):
         texts = ds[first:last][cfg.text_column]
-        blank = [corpus.is_blank(t) for t in texts]
-        if path.exists():  # finished by an earlier run of the same command
-            continue
-        rows = [i for i, b in enumerate(blank) if not b]
-        token_ids = tokenizer([texts[i] for i in rows], add_special_tokens=False, verbose=False)["input_ids"]
-        if cfg.unit == "document":
-            table = _score_documents(
-                [ids[first + i] for i in rows], token_ids, start_id, teacher, reference, cfg, device, progress, id_type
-            )
-        else:
-            table = _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, device, progress)
-        write_parquet(path, table)
-    progress.close()
+        rows = [i for i, text in enumerate(texts) if not corpus.is_blank(text)]
+        return rows, tokenizer([texts[i] for i in rows], add_special_tokens=False, verbose=False)["input_ids"]
 
-    shards = sorted((output / DATA_DIR).glob(f"scores-{tag}-*.parquet"))
-    n_tokens = sum(pq.read_table(p, columns=["n_tokens"]).column(0).to_numpy().sum() for p in shards)
+    # Tokenize the next shard in a thread while the models read the current one (fast tokenizers drop the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(tokenize_shard, *todo[0][1:]) if todo else None
+        for position, (k, first, last) in enumerate(todo):
+            rows, token_ids = pending.result()
+            if position + 1 < len(todo):
+                pending = pool.submit(tokenize_shard, *todo[position + 1][1:])
+            if cfg.unit == "document":
+                table = _score_documents([ids[first + i] for i in rows], token_ids, start_id, teacher, reference,
+                                         cfg, budget, progress, id_type)
+            else:
+                table = _score_chunks(k, token_ids, tokenizer, teacher, reference, cfg, budget, progress)
+            write_parquet(shard_path(first, last), table)
+    progress.close()
+    world.barrier()
+    if not world.is_main:
+        return {"rank": world.rank, "shards_scored": len(todo)}
+
+    missing = [f"{first}-{last}" for _, first, last in shards if not shard_path(first, last).exists()]
+    if missing:
+        raise RefineError(f"shards {', '.join(missing[:5])} are missing after the run; rerun the same command to finish them")
+    paths = [shard_path(first, last) for _, first, last in shards]
     manifest = {
         "stage": "score",
         **run_info(),
@@ -200,16 +261,18 @@ def score(cfg: ScoreConfig) -> dict:
             "n_blank_skipped": n_blank,
         },
         "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
-        "n_instances": sum(pq.read_metadata(p).num_rows for p in shards),
-        "n_tokens": int(n_tokens),
+        "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),
+        "n_tokens": sum(int(pq.read_metadata(p).metadata[b"refine_n_tokens"]) for p in paths),
+        "world_size": world.world_size,
         "elapsed_s": round(time.time() - started, 1),
     }
-    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest, f"scores-{tag}-*.parquet"))
+    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest,
+                                                  f"scores-{tag}-*.parquet"))
     write_json(output / MANIFEST, manifest)
     return manifest
 
 
-def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, device, progress, id_type) -> pa.Table:
+def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budget, progress, id_type) -> pa.Table:
     windows, owner = [], []
     for doc, tokens in enumerate(token_ids):
         for window in document_windows(tokens, start_id, cfg.max_length):
@@ -217,7 +280,7 @@ def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, devi
             owner.append(doc)
     progress.total += sum(len(w) - 1 for w in windows)
     progress.refresh()
-    window_teacher, window_ref = score_sequences(teacher, reference, windows, cfg.max_tokens_per_batch, device, progress)
+    window_teacher, window_ref = score_sequences([teacher, reference], windows, budget, teacher.device, progress)
     teacher_lp = np.zeros(len(token_ids))
     ref_lp = np.zeros(len(token_ids))
     np.add.at(teacher_lp, owner, window_teacher)
@@ -225,11 +288,11 @@ def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, devi
     return score_table(doc_ids, [len(t) for t in token_ids], teacher_lp, ref_lp, id_type)
 
 
-def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, device, progress) -> pa.Table:
+def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, budget, progress) -> pa.Table:
     chunks = corpus_chunks(token_ids, tokenizer.eos_token_id, cfg.max_length)
     progress.total += sum(len(c) - 1 for c in chunks)
     progress.refresh()
-    teacher_lp, ref_lp = score_sequences(teacher, reference, chunks, cfg.max_tokens_per_batch, device, progress)
+    teacher_lp, ref_lp = score_sequences([teacher, reference], chunks, budget, teacher.device, progress)
     extra = {
         cfg.text_column: pa.array(tokenizer.batch_decode(chunks), type=pa.string()),
         "input_ids": pa.array(chunks, type=pa.list_(pa.int32())),
@@ -238,20 +301,34 @@ def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, de
     return score_table(chunk_ids, [len(c) - 1 for c in chunks], teacher_lp, ref_lp, pa.string(), extra)
 
 
-def _claim_run(output: Path, run: dict, overwrite: bool) -> None:
-    """Start a run in `output`, or continue one with identical settings; refuse a different unfinished run."""
-    path = output / RUN_FILE
-    if path.exists():
-        if json.loads(path.read_text()) == json.loads(json.dumps(run, default=str)):
-            return
-        if not overwrite:
-            raise RefineError(
-                f"output {str(output)!r} holds an unfinished run with other settings, data or models; "
-                "rerun the same command to resume it, pass --overwrite to discard it, or choose another --output"
-            )
+def _check_output(output: Path, run: dict, overwrite: bool) -> str:
+    """What to do with `output`: "fresh", "resume" (same unfinished run) or "replace" (--overwrite). Reads only."""
+    if output.exists() and not output.is_dir():
+        raise RefineError(f"output {str(output)!r} is a file; give a directory path")
+    if not output.exists() or not any(output.iterdir()):
+        return "fresh"
+    if (output / MANIFEST).exists():
+        if overwrite:
+            return "replace"
+        raise RefineError(f"output {str(output)!r} already holds a finished result; pass --overwrite or choose another --output")
+    run_file = output / RUN_FILE
+    if run_file.exists() and json.loads(run_file.read_text()) == json.loads(json.dumps(run, default=str)):
+        return "replace" if overwrite else "resume"
+    if overwrite:
+        return "replace"
+    if run_file.exists():
+        raise RefineError(
+            f"output {str(output)!r} holds an unfinished run with other settings, data or models; "
+            "rerun the same command to resume it, pass --overwrite to discard it, or choose another --output"
+        )
+    raise RefineError(f"output {str(output)!r} is not empty; pass --overwrite or choose another --output")
+
+
+def _prepare_output(output: Path, run: dict, action: str) -> None:
+    if action == "replace":
         shutil.rmtree(output)
-    elif output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise RefineError(f"output {str(output)!r} is not empty; pass --overwrite or choose another --output")
-        shutil.rmtree(output)
-    write_json(path, run)
+    if action == "resume":  # temp files of shards a killed run was writing
+        for stale in (output / DATA_DIR).glob(".*.tmp"):
+            stale.unlink()
+    else:
+        write_json(output / RUN_FILE, run)

@@ -1,0 +1,66 @@
+"""One process per GPU (or CPU slot) under torchrun: rank, world size, device, barriers.
+
+A single process needs no launcher: WORLD_SIZE unset means world size 1 and every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def owns(self, shard_index: int) -> bool:
+        """Shards are dealt round-robin: rank r takes shards r, r + W, r + 2W, ..."""
+        return shard_index % self.world_size == self.rank
+
+
+def init_world(device_name: str = "auto") -> World:
+    """Join the process group torchrun set up (NCCL for CUDA, gloo for CPU); world size 1 without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=24))
+    return World(rank, world_size, local_rank)
+
+
+def close_world(world: World) -> None:
+    if world.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device_name: str, world: World) -> str:
+    """`auto`/`cuda` under torchrun means this rank's own GPU."""
+    if world.world_size > 1 and torch.cuda.is_available() and device_name in ("auto", "cuda"):
+        return f"cuda:{world.local_rank}"
+    return device_name
+
+
+def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node N -m refine ...` for one machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "refine",
+            *module_args]
