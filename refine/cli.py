@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from refine.config import PretrainConfig, SampleConfig, ScoreConfig, field_help, load_config
+from refine.config import PretrainConfig, PushConfig, SampleConfig, ScoreConfig, field_help, load_config
 from refine.errors import RefineError
 
 app = typer.Typer(
@@ -99,19 +99,52 @@ def sample_command(
     seed: Optional[int] = _opt(SampleConfig, "seed", "--seed"),
     data: Optional[str] = _opt(SampleConfig, "data", "--data"),
     shard_size_mb: Optional[int] = _opt(SampleConfig, "shard_size_mb", "--shard-size-mb"),
+    push_to_hub: Optional[str] = _opt(SampleConfig, "push_to_hub", "--push-to-hub"),
+    private: Optional[bool] = _opt(SampleConfig, "private", "--private/--public"),
+    token: Optional[str] = _opt(SampleConfig, "token", "--token"),
     overwrite: Optional[bool] = _opt(SampleConfig, "overwrite", "--overwrite/--no-overwrite"),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
     """Keep the top-alpha fraction of scored instances; write them as a dataset `datasets.load_dataset` opens."""
+    from refine.config import PushConfig
+    from refine.push import push
     from refine.sample import sample
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "sample")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "sample", "push", "PushConfig")}
+    cfg = _run(SampleConfig, config, overrides, lambda c: c)
     m = _run(SampleConfig, config, overrides, sample)
     threshold = f"; score threshold {m['threshold']:.4f}" if m["threshold"] is not None else ""
+    stats = m["score_stats"]
     typer.echo(
         f"kept {m['instances_after']} of {m['instances_before']} instances "
-        f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} alpha={m['alpha']}{threshold}"
+        f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} alpha={m['alpha']}{threshold}\n"
+        f"scores: mean {stats['mean']:.3f}, quantiles 10% {stats['q10']:.3f} | 50% {stats['q50']:.3f} | 90% {stats['q90']:.3f}"
     )
+    if cfg.push_to_hub:
+        target = PushConfig(refined=cfg.output, target=cfg.push_to_hub, private=cfg.private, token=cfg.token)
+        _echo_push(_run(PushConfig, None, vars(target), push))
+
+
+@app.command("push")
+def push_command(
+    refined: Optional[str] = _arg(PushConfig, "refined"),
+    target: Optional[str] = _arg(PushConfig, "target"),
+    private: Optional[bool] = _opt(PushConfig, "private", "--private/--public"),
+    revision: Optional[str] = _opt(PushConfig, "revision", "--revision"),
+    token: Optional[str] = _opt(PushConfig, "token", "--token"),
+    commit_message: Optional[str] = _opt(PushConfig, "commit_message", "--commit-message"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+):
+    """Publish a refined dataset folder to the Hugging Face Hub (one commit) or to an fsspec URL."""
+    from refine.push import push
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "push")}
+    _echo_push(_run(PushConfig, config, overrides, push))
+
+
+def _echo_push(result: dict) -> None:
+    where = f" (commit {result['commit'][:12]})" if result.get("commit") else ""
+    typer.echo(f"published {result['files']} files to {result['target']}{where}")
 
 
 @app.command("pretrain")

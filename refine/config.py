@@ -85,7 +85,22 @@ class SampleConfig:
         None, "Corpus the scores were made from; default: the source recorded in the scores' manifest."
     )
     shard_size_mb: int = option(500, "Approximate size of each output Parquet shard, in MB.")
+    push_to_hub: Optional[str] = option(None, "Also upload the refined dataset to this Hub dataset repo (or fsspec URL), as `refine push` does.")
+    private: bool = option(False, "With --push-to-hub: create the repo as private.")
+    token: Optional[str] = option(None, "Hub token for --push-to-hub; default: HF_TOKEN or the `hf auth login` cache. Never printed.")
     overwrite: bool = option(False, "Replace an output directory that already holds a result.")
+
+
+@dataclass
+class PushConfig:
+    refined: Optional[str] = required("Refined dataset directory written by `refine sample`.")
+    target: Optional[str] = required(
+        "Where to publish: a Hub dataset repo id (user/name), or an fsspec URL (s3://bucket/path, gs://..., a local path)."
+    )
+    private: bool = option(False, "Create the Hub repo as private (an existing repo keeps its visibility).")
+    revision: Optional[str] = option(None, "Hub branch to commit to (created if missing); default: main.")
+    token: Optional[str] = option(None, "Hub token; default: HF_TOKEN or the `hf auth login` cache. Never printed or logged.")
+    commit_message: Optional[str] = option(None, "Hub commit message; default: one naming the method and alpha.")
 
 
 @dataclass

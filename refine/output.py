@@ -65,36 +65,36 @@ def claim_output_dir(path: Path, overwrite: bool, finished_marker: str = MANIFES
         shutil.rmtree(path)
 
 
+SECRET_FLAGS = ("--token",)
+
+
+def command_line() -> str:
+    """The command as typed, with secrets (the value after --token) replaced by ***."""
+    words, hide = [], False
+    for word in sys.argv:
+        if hide:
+            words.append("***")
+        elif any(word.startswith(flag + "=") for flag in SECRET_FLAGS):
+            words.append(word.split("=", 1)[0] + "=***")
+        else:
+            words.append(word)
+        hide = word in SECRET_FLAGS
+    return " ".join(["refine" if w.endswith(("/refine", "refine/__main__.py")) else w for w in words])
+
+
 def run_info() -> dict:
     return {
         "refine_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
 
 
 def content_tag(value) -> str:
-    """Short hash put into data file names (see dataset_card)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def dataset_card(title: str, description: str, manifest: dict, data_pattern: str) -> str:
-    """A README.md whose front matter tells `datasets.load_dataset(dir)` where the data files are.
+    """Short hash put into data file names and the card's data pattern.
 
     `datasets` caches a local folder with a card by folder name and file pattern, not by content: two
-    runs into folders of the same name would read each other's cache. So data file names, and the
-    pattern here, carry a content tag.
+    runs into folders of the same name would read each other's cache. A content tag in the pattern
+    keeps them apart.
     """
-    front_matter = (
-        "---\n"
-        "configs:\n"
-        "- config_name: default\n"
-        "  data_files:\n"
-        "  - split: train\n"
-        f"    path: {DATA_DIR}/{data_pattern}\n"
-        "tags:\n"
-        "- refine\n"
-        "---\n"
-    )
-    summary = json.dumps(manifest, indent=2, default=str)
-    return f"{front_matter}\n# {title}\n\n{description}\n\n## How it was made\n\n```json\n{summary}\n```\n"
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]

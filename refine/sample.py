@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from refine import data as corpus
+from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, MANIFEST, claim_output_dir, content_tag, dataset_card, read_manifest, run_info, write_json, write_parquet, write_text
+from refine.output import DATA_DIR, MANIFEST, claim_output_dir, content_tag, read_manifest, run_info, write_json, write_parquet, write_text
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -170,12 +171,7 @@ def _write_dataset(output: Path, table: pa.Table, manifest: dict, shard_size_mb:
         for k in range(n_shards):
             shard = table.slice(k * rows_per_shard, rows_per_shard)
             write_parquet(staging / DATA_DIR / f"train-{tag}-{k:05d}-of-{n_shards:05d}.parquet", shard)
-        description = (
-            f"Refined with `refine sample --method {manifest['method']} --alpha {manifest['alpha']}`: "
-            f"{manifest['instances_after']} of {manifest['instances_before']} instances, "
-            f"{manifest['tokens_after']} of {manifest['tokens_before']} tokens."
-        )
-        write_text(staging / "README.md", dataset_card("refine refined corpus", description, _card_summary(manifest), f"train-{tag}-*.parquet"))
+        write_text(staging / "README.md", refined_card(manifest, f"{DATA_DIR}/train-{tag}-*.parquet"))
         write_json(staging / MANIFEST, manifest)
         if output.exists():
             shutil.rmtree(output)
@@ -183,19 +179,3 @@ def _write_dataset(output: Path, table: pa.Table, manifest: dict, shard_size_mb:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _card_summary(manifest: dict) -> dict:
-    scores = manifest["scores"]
-    return {
-        "method": manifest["method"],
-        "alpha": manifest["alpha"],
-        "threshold": manifest["threshold"],
-        "instances": [manifest["instances_before"], manifest["instances_after"]],
-        "tokens": [manifest["tokens_before"], manifest["tokens_after"]],
-        "teacher": scores["teacher"],
-        "reference": scores["reference"],
-        "source": scores["data"]["source"],
-        "refine_version": manifest["refine_version"],
-        "created": manifest["created"],
-    }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from refine import data as corpus
 from refine import models
+from refine.card import scores_card
 from refine.config import ScoreConfig
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
@@ -36,7 +37,6 @@ from refine.output import (
     DATA_DIR,
     MANIFEST,
     content_tag,
-    dataset_card,
     run_info,
     write_json,
     write_parquet,
@@ -259,6 +259,7 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
             "fingerprint": fingerprint,
             "n_rows": n_rows,
             "n_blank_skipped": n_blank,
+            "license": ds.info.license or None,
         },
         "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
         "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),
@@ -266,8 +267,7 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         "world_size": world.world_size,
         "elapsed_s": round(time.time() - started, 1),
     }
-    write_text(output / "README.md", dataset_card("refine scores", f"Scores of `{cfg.data}` by `refine score`.", manifest,
-                                                  f"scores-{tag}-*.parquet"))
+    write_text(output / "README.md", scores_card(manifest, f"{DATA_DIR}/scores-{tag}-*.parquet"))
     write_json(output / MANIFEST, manifest)
     return manifest
 

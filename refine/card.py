@@ -1,0 +1,92 @@
+"""Dataset cards (README.md with YAML front matter) generated from refine's manifests.
+
+The front matter's `configs` entry is what lets `datasets.load_dataset(folder_or_repo)` find the
+Parquet shards, locally and on the Hub alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+def size_category(n: int) -> str:
+    return next((name for limit, name in SIZE_CATEGORIES if n < limit), "n>1B")
+
+
+def front_matter(data_pattern: str, n_rows: int, license: str | None = None, source: str | None = None) -> str:
+    meta = {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_pattern}]}],
+        "size_categories": [size_category(n_rows)],
+        "tags": ["refine", "miniplm", "difference-sampling"],
+    }
+    if license:
+        meta["license"] = license
+    if source and _is_hub_name(source):
+        meta["source_datasets"] = [source]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _is_hub_name(source: str) -> bool:
+    return not Path(source).expanduser().exists() and "://" not in source and source.count("/") <= 1
+
+
+def _model_line(model: dict) -> str:
+    where = model.get("sha256") and f"sha256 `{model['sha256'][:16]}…`" or model.get("commit") and f"commit `{model['commit']}`" or "revision unknown"
+    size = f", {model['n_params'] / 1e6:.1f}M params" if model.get("n_params") else ""
+    return f"`{model['id']}` ({model.get('model_type', '?')}{size}; {where})"
+
+
+def scores_card(manifest: dict, data_pattern: str) -> str:
+    data = manifest["data"]
+    return (
+        front_matter(data_pattern, manifest["n_instances"], data.get("license"), data["source"])
+        + f"\n# Scores of `{data['source']}` by refine\n\n"
+        + "Per-instance log-probabilities under a teacher and a reference LM (MiniPLM difference sampling). "
+        + "Columns: `id, n_tokens, teacher_logprob, ref_logprob, score`, with "
+        + "`score = (teacher_logprob - ref_logprob) / n_tokens` (natural log).\n\n"
+        + f"- teacher: {_model_line(manifest['teacher'])}\n- reference: {_model_line(manifest['reference'])}\n"
+        + f"- instances: {manifest['n_instances']:,} ({manifest['settings']['unit']}s), tokens: {manifest['n_tokens']:,}\n"
+        + f"- command: `{manifest['command']}`\n- refine {manifest['refine_version']}, {manifest['created']}\n"
+    )
+
+
+def refined_card(manifest: dict, data_pattern: str) -> str:
+    """The card of a refined corpus: what it is, how to load it, and exactly how it was made."""
+    scores = manifest["scores"]
+    data = scores["data"]
+    stats = manifest["score_stats"]
+    method = {"difference": "difference sampling (MiniPLM): highest log p_teacher − log p_ref per token",
+              "random": "uniform random selection (baseline)",
+              "teacher": "lowest teacher NLL per token (perplexity filtering baseline)",
+              "reference": "lowest reference NLL per token (baseline)"}[manifest["method"]]
+    threshold = f"{manifest['threshold']:.4f}" if manifest["threshold"] is not None else "– (random)"
+    return (
+        front_matter(data_pattern, manifest["instances_after"], data.get("license"), data["source"])
+        + f"\n# `{data['source']}` refined by {manifest['method']} sampling, α = {manifest['alpha']}\n\n"
+        + f"The top {manifest['alpha']:.0%} of `{data['source']}` ({scores['settings']['unit']}s) selected by {method}, "
+        + "made with refine. Original columns are kept, in corpus order, with `id` and the "
+        + "score columns `n_tokens, teacher_logprob, ref_logprob, score` beside them.\n\n"
+        + "```python\nimport datasets\nds = datasets.load_dataset(\"THIS_REPO_OR_FOLDER\", split=\"train\")\n```\n\n"
+        + "## Provenance\n\n"
+        + "| | |\n|---|---|\n"
+        + f"| source | `{data['source']}` (split `{data['split']}`, text column `{data['text_column']}`, "
+        + f"content sha256 `{data['fingerprint'][:16]}…`) |\n"
+        + f"| teacher | {_model_line(scores['teacher'])} |\n"
+        + f"| reference | {_model_line(scores['reference'])} |\n"
+        + f"| method | {method}; α = {manifest['alpha']}" + (f", seed {manifest['seed']}" if manifest["seed"] is not None else "") + " |\n"
+        + f"| instances | {manifest['instances_before']:,} → {manifest['instances_after']:,} |\n"
+        + f"| tokens | {manifest['tokens_before']:,} → {manifest['tokens_after']:,} |\n"
+        + f"| score threshold | {threshold} |\n"
+        + f"| score quantiles (all instances) | min {stats['q00']:.3f}, 10% {stats['q10']:.3f}, 25% {stats['q25']:.3f}, "
+        + f"median {stats['q50']:.3f}, 75% {stats['q75']:.3f}, 90% {stats['q90']:.3f}, max {stats['q100']:.3f}; "
+        + f"mean {stats['mean']:.3f} ± {stats['std']:.3f} |\n"
+        + f"| scoring | unit `{scores['settings']['unit']}`, max length {scores['settings']['max_length']} tokens, "
+        + f"{scores['n_tokens']:,} tokens scored; BOS as unscored context, no EOS |\n"
+        + f"| refine | {manifest['refine_version']}, {manifest['created']} |\n\n"
+        + f"Commands:\n\n```\n{scores['command']}\n{manifest['command']}\n```\n"
+    )

@@ -1,0 +1,127 @@
+"""`refine push` to a local stand-in of the Hub and to S3-compatible storage; the dataset card."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import yaml
+
+from hub_server import HubStandIn
+
+TOKEN = "hf_refineTestToken0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory, teacher_dir, reference_dir):
+    root = tmp_path_factory.mktemp("refined")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + "word " * (5 + i % 7), "domain": f"d{i % 3}"}) + "\n"
+                              for i in range(30)))
+    run([ "score", corpus, "--teacher", teacher_dir, "--reference", reference_dir, "--output", root / "scores",
+          "--max-length", 16])
+    run(["sample", root / "scores", "--alpha", 0.5, "--output", root / "out", "--shard-size-mb", 1])
+    return root / "out"
+
+
+def run(args, env=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "refine", *map(str, args)], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_card_front_matter_and_provenance(refined):
+    card = (refined / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    pattern = meta["configs"][0]["data_files"][0]["path"]
+    assert list(refined.glob(pattern)) == sorted((refined / "data").glob("*.parquet"))
+    assert meta["size_categories"] == ["n<1K"]
+    manifest = json.loads((refined / "manifest.json").read_text())
+    for fact in ("## Provenance", "teacher", "reference", "α = 0.5", "30 → 15",
+                 f"{manifest['tokens_before']:,} → {manifest['tokens_after']:,}", f"{manifest['threshold']:.4f}",
+                 manifest["scores"]["command"], manifest["command"], manifest["refine_version"]):
+        assert fact in card, fact
+    assert len(datasets.load_dataset(str(refined), split="train")) == 15
+
+
+def test_push_to_hub_delivers_every_file_byte_identical(tmp_path, refined):
+    with HubStandIn(tmp_path / "hub") as hub:
+        result = run(["push", refined, "someone/refined-tiny", "--token", TOKEN, "--revision", "v1"],
+                     env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"})
+    assert "published" in result.stdout
+    assert TOKEN not in result.stdout + result.stderr
+    assert len(hub.commits) == 1  # shards, card and manifest in one commit
+    stored = tmp_path / "hub" / "someone/refined-tiny" / "v1"
+    local = sorted(p.relative_to(refined) for p in refined.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(stored) for p in stored.rglob("*") if p.is_file()) == local
+    for path in local:
+        assert (stored / path).read_bytes() == (refined / path).read_bytes()
+    assert {r["auth"] for r in hub.requests if r["method"] == "POST"} == {f"Bearer {TOKEN}"}
+    remote = datasets.load_dataset(str(stored), split="train")
+    assert remote.to_list() == datasets.load_dataset(str(refined), split="train").to_list()
+
+
+def test_sample_push_to_hub_keeps_the_token_out_of_outputs(tmp_path, refined):
+    scores = refined.parent / "scores"
+    with HubStandIn(tmp_path / "hub") as hub:
+        result = run(["sample", scores, "--alpha", 0.3, "--output", tmp_path / "out", "--push-to-hub", "me/r03",
+                      "--token", TOKEN], env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"})
+    assert "kept 9 of 30" in result.stdout and "published" in result.stdout
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert "--token ***" in json.loads((tmp_path / "out" / "manifest.json").read_text())["command"]
+    assert (tmp_path / "hub" / "me/r03" / "main" / "manifest.json").exists()
+
+
+def test_push_to_a_local_fsspec_path(tmp_path, refined):
+    target = tmp_path / "published"
+    run(["push", refined, f"file://{target}"])
+    assert datasets.load_dataset(str(target), split="train").num_rows == 15
+    assert "already holds" in run(["push", refined, f"file://{target}"], check=False).stderr
+
+
+def test_push_refuses_a_folder_that_is_not_refined(tmp_path):
+    result = run(["push", tmp_path, "someone/x"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "not a finished refined dataset" in result.stderr
+
+
+def test_push_to_s3_compatible_server(tmp_path, refined, monkeypatch):
+    """A real S3 API (moto in server mode) on loopback, reached through fsspec/s3fs."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "FSSPEC_S3_ENDPOINT_URL": endpoint}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="corpora")
+        run(["push", refined, "s3://corpora/refined/v1"], env=env)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        local = sorted(str(p.relative_to(refined)) for p in refined.rglob("*") if p.is_file())
+        remote = sorted(p.removeprefix("corpora/refined/v1/") for p in fs.find("corpora/refined/v1"))
+        assert remote == local
+        for name in local:
+            assert fs.cat(f"corpora/refined/v1/{name}") == (refined / name).read_bytes()
+        rows = datasets.load_dataset("parquet", data_files="s3://corpora/refined/v1/data/*.parquet", split="train",
+                                     storage_options={"endpoint_url": endpoint})
+        assert rows.num_rows == 15
+    finally:
+        server.stop()
