@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from refine.config import PretrainConfig, PushConfig, SampleConfig, ScoreConfig, field_help, load_config
+from refine.config import PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig, field_help, load_config
 from refine.errors import RefineError
 
 app = typer.Typer(
@@ -123,6 +123,25 @@ def sample_command(
     if cfg.push_to_hub:
         target = PushConfig(refined=cfg.output, target=cfg.push_to_hub, private=cfg.private, token=cfg.token)
         _echo_push(_run(PushConfig, None, vars(target), push))
+
+
+@app.command("report")
+def report_command(
+    scores: Optional[str] = _arg(ReportConfig, "scores"),
+    output: Optional[str] = _opt(ReportConfig, "output", "--output", "-o"),
+    data: Optional[str] = _opt(ReportConfig, "data", "--data"),
+    alpha: Optional[float] = _opt(ReportConfig, "alpha", "--alpha"),
+    group_column: Optional[str] = _opt(ReportConfig, "group_column", "--group-column"),
+    n_examples: Optional[int] = _opt(ReportConfig, "n_examples", "--n-examples"),
+    excerpt_chars: Optional[int] = _opt(ReportConfig, "excerpt_chars", "--excerpt-chars"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+):
+    """Write one HTML page showing the score distribution, teacher vs reference NLL, groups and examples."""
+    from refine.report import report
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "report")}
+    result = _run(ReportConfig, config, overrides, report)
+    typer.echo(f"wrote {result['output']}: {result['kept']} of {result['instances']} instances kept at this alpha")
 
 
 @app.command("push")

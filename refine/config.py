@@ -92,6 +92,17 @@ class SampleConfig:
 
 
 @dataclass
+class ReportConfig:
+    scores: Optional[str] = required("Scores directory written by `refine score`.")
+    output: str = option("report.html", "HTML file to write (self-contained: figures are embedded).")
+    data: Optional[str] = option(None, "Corpus the scores were made from; default: the source recorded in the scores' manifest.")
+    alpha: float = option(0.5, "Fraction kept by difference sampling, in (0, 1], to mark on the figures.")
+    group_column: Optional[str] = option(None, "Corpus column to break the selection down by (e.g. domain, source).")
+    n_examples: int = option(5, "Examples shown at the top, bottom and boundary of the ranking.")
+    excerpt_chars: int = option(400, "Characters of each example's text shown.")
+
+
+@dataclass
 class PushConfig:
     refined: Optional[str] = required("Refined dataset directory written by `refine sample`.")
     target: Optional[str] = required(

