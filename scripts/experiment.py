@@ -40,9 +40,9 @@ class Plan:
 
 
 FULL = Plan(eval_docs=300, reference_docs=600, pool_docs=2400, reference_steps=80, student_tokens=300_000, seeds=3,
-            families=("llama", "mamba"))
+            families=("llama", "gpt2"))
 QUICK = Plan(eval_docs=40, reference_docs=80, pool_docs=120, reference_steps=5, student_tokens=8_192, seeds=2,
-             families=("llama", "mamba"))
+             families=("llama", "gpt2"))
 
 STUDENTS = {
     "llama": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
