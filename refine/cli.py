@@ -196,19 +196,34 @@ def pretrain_command(
     save_every: Optional[int] = _opt(PretrainConfig, "save_every", "--save-every"),
     log_every: Optional[int] = _opt(PretrainConfig, "log_every", "--log-every"),
     resume: Optional[bool] = _opt(PretrainConfig, "resume", "--resume/--no-resume"),
+    token_cache: Optional[str] = _opt(PretrainConfig, "token_cache", "--token-cache"),
     device: Optional[str] = _opt(PretrainConfig, "device", "--device"),
     dtype: Optional[str] = _opt(PretrainConfig, "dtype", "--dtype"),
+    lean_loss: Optional[bool] = _opt(PretrainConfig, "lean_loss", "--lean-loss/--no-lean-loss"),
+    compile: Optional[bool] = _opt(PretrainConfig, "compile", "--compile/--no-compile"),
+    activation_checkpointing: Optional[bool] = _opt(
+        PretrainConfig, "activation_checkpointing", "--activation-checkpointing/--no-activation-checkpointing"
+    ),
+    fsdp: Optional[bool] = _opt(PretrainConfig, "fsdp", "--fsdp/--no-fsdp"),
+    peak_tflops: Optional[float] = _opt(PretrainConfig, "peak_tflops", "--peak-tflops"),
+    nproc: Optional[int] = _opt(PretrainConfig, "nproc", "--nproc"),
     trust_remote_code: Optional[bool] = _opt(PretrainConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
     overwrite: Optional[bool] = _opt(PretrainConfig, "overwrite", "--overwrite/--no-overwrite"),
 ):
     """Pretrain a model from scratch (any transformers causal-LM config) on a corpus, e.g. a refined one.
 
     Also trains MiniPLM's reference model: a small LM on a small random split, with the teacher's tokenizer.
+    Data parallel over GPUs or nodes: `--nproc N`, or `torchrun --nproc_per_node N [--nnodes ...] -m refine pretrain ...`.
     """
     from refine.pretrain import pretrain
 
     overrides = {k: v for k, v in locals().items() if k not in ("config", "pretrain")}
+    cfg = _run(PretrainConfig, config, overrides, lambda c: c)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(cfg.nproc)
     m = _run(PretrainConfig, config, overrides, pretrain)
+    if "rank" in m:  # not rank 0: rank 0 reports
+        return
     typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
 
 

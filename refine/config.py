@@ -128,10 +128,14 @@ class PretrainConfig(CorpusArgs):
     eval_every: int = option(100, "Evaluate the held-out loss every this many optimizer steps (and at the end).")
     max_eval_sequences: int = option(64, "At most this many packed held-out sequences per evaluation.")
     seq_len: int = option(1024, "Length (tokens) of each packed training sequence.")
-    micro_batch_size: int = option(8, "Sequences per forward/backward pass.")
-    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    micro_batch_size: int = option(8, "Sequences per forward/backward pass, per process.")
+    grad_accum: int = option(
+        1, "Micro-batches accumulated per optimizer step. Global batch = micro-batch x accumulation x processes."
+    )
     max_steps: Optional[int] = option(None, "Training budget in optimizer steps (give this or --max-tokens).")
-    max_tokens: Optional[int] = option(None, "Training budget in tokens; converted to steps, rounded up.")
+    max_tokens: Optional[int] = option(
+        None, "Training budget in tokens over all processes (global); converted to steps, rounded up."
+    )
     lr: float = option(6e-4, "Peak learning rate.")
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of the peak (cosine decay).")
     warmup_steps: int = option(100, "Linear warmup steps (capped at 10% of the total).")
@@ -142,9 +146,38 @@ class PretrainConfig(CorpusArgs):
     seed: int = option(0, "Seed for initialisation, the held-out split and data order.")
     save_every: int = option(500, "Write a resumable checkpoint every this many steps.")
     log_every: int = option(10, "Append a line to metrics.jsonl every this many steps.")
-    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    resume: bool = option(
+        False,
+        "Continue from the checkpoint in --output: same data position, optimizer, schedule and RNG. The number of "
+        "processes may change if the global batch stays the same.",
+    )
+    token_cache: Optional[str] = option(
+        None,
+        "Directory of tokenised, packed corpora (memory-mapped), reused by every run with the same corpus, "
+        "tokenizer and held-out split; default: $REFINE_CACHE/tokens or ~/.cache/refine/tokens.",
+    )
     device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
     dtype: str = option("auto", "Autocast dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    lean_loss: bool = option(
+        True,
+        "Compute the loss chunk by chunk from the final hidden states, never holding the batch's full-vocabulary "
+        "logits (for families with a plain LM head; others use the model's own loss).",
+    )
+    compile: bool = option(False, "Compile the model with torch.compile; pays off on long runs.")
+    activation_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass: less memory, about a third more compute."
+    )
+    fsdp: bool = option(
+        False,
+        "Shard parameters, gradients and optimizer state over the processes (FSDP2 `fully_shard`) instead of "
+        "replicating the model (DDP); for students whose optimizer state does not fit one GPU.",
+    )
+    peak_tflops: Optional[float] = option(
+        None,
+        "Peak dense TFLOP/s of one device, for the MFU figure; default: the datasheet bf16 peak of known GPUs, "
+        "else a measured matmul rate.",
+    )
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU), data parallel.")
     trust_remote_code: bool = option(False, "Allow configs/tokenizers to run code from their repository.")
     overwrite: bool = option(False, "Replace an output directory that already holds a finished model.")
 

@@ -1,7 +1,10 @@
-"""`refine pretrain`: a plain pretraining loop for any `transformers` causal-LM config.
+"""`refine pretrain`: a plain pretraining loop for any `transformers` causal-LM config, on 1 CPU to many GPUs.
 
-Reads top to bottom: set up (data, model, optimizer, schedule), loop (accumulate, clip, step),
-evaluate, checkpoint, save. Also used to train MiniPLM's reference model on a small random split.
+Reads top to bottom: set up (processes, data, model, optimizer, schedule), loop (accumulate, clip, step),
+evaluate, checkpoint, save. Under torchrun it is data parallel (DDP, or FSDP2 with --fsdp): every rank
+reads its own slice of each global batch from the memory-mapped token file. Positions in the data, the
+schedule and the budget count global sequences, so a run's result does not depend on the process count.
+Also used to train MiniPLM's reference model on a small random split.
 """
 
 from __future__ import annotations
@@ -16,20 +19,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from refine import data as corpus
-from refine import models
+from refine import models, packed
 from refine.config import PretrainConfig
+from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
+from refine.flops import device_peak, matmul_params
+from refine.lm_loss import CausalLMLoss
 from refine.output import MANIFEST, claim_output_dir, run_info, write_json
+from refine.packed import sample_order  # noqa: F401  (part of this module's interface)
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
-# Settings that may differ between a run and its --resume.
-RESUME_FREE = ("resume", "overwrite", "device", "log_every")
+# Settings that may differ between a run and its --resume: they change neither the data order nor the maths.
+# (micro-batch and accumulation may change with the process count as long as the global batch stays the same.)
+RESUME_FREE = ("resume", "overwrite", "device", "log_every", "token_cache", "compile", "activation_checkpointing",
+               "micro_batch_size", "grad_accum", "nproc", "peak_tflops", "lean_loss")
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -40,9 +51,12 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append("both --max-steps and --max-tokens given; choose one")
     if (cfg.max_steps is not None and cfg.max_steps <= 0) or (cfg.max_tokens is not None and cfg.max_tokens <= 0):
         problems.append("the training budget must be positive; raise --max-steps / --max-tokens")
-    for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every", "max_eval_sequences"):
+    for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every",
+                 "max_eval_sequences", "nproc"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.seq_len < 2:
+        problems.append("--seq-len must be at least 2 (one token predicts the next)")
     if not 0 < cfg.eval_fraction < 1:
         problems.append(f"--eval-fraction {cfg.eval_fraction} must be in (0, 1)")
     if cfg.lr <= 0:
@@ -55,10 +69,15 @@ def validate(cfg: PretrainConfig) -> None:
         raise RefineError(*problems)
 
 
-def total_steps(cfg: PretrainConfig) -> int:
+def global_batch(cfg: PretrainConfig, world_size: int) -> int:
+    """Sequences per optimizer step over all processes."""
+    return cfg.micro_batch_size * cfg.grad_accum * world_size
+
+
+def total_steps(cfg: PretrainConfig, world_size: int = 1) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return math.ceil(cfg.max_tokens / (cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len))
+    return math.ceil(cfg.max_tokens / (global_batch(cfg, world_size) * cfg.seq_len))
 
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, keep_remainder: bool = False) -> list[np.ndarray]:
@@ -71,18 +90,6 @@ def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, keep_remainder
     return sequences
 
 
-def sample_order(position: int, count: int, n_sequences: int, seed: int) -> np.ndarray:
-    """Sequence indices for training positions [position, position+count): a fresh seeded shuffle each epoch.
-
-    A pure function of the position, so resuming needs nothing but the step number.
-    """
-    indices = []
-    for p in range(position, position + count):
-        epoch, offset = divmod(p, n_sequences)
-        indices.append(np.random.default_rng([seed, epoch]).permutation(n_sequences)[offset])
-    return np.asarray(indices)
-
-
 def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, eval rows): a seeded random eval_fraction of the documents, at least one."""
     if n_docs < 2:
@@ -90,13 +97,6 @@ def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.nd
     n_eval = min(n_docs - 1, max(1, round(eval_fraction * n_docs)))
     permutation = np.random.default_rng(seed).permutation(n_docs)
     return np.sort(permutation[n_eval:]), np.sort(permutation[:n_eval])
-
-
-def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    out = []
-    for start in range(0, len(texts), 1000):
-        out.extend(tokenizer(texts[start : start + 1000], add_special_tokens=False, verbose=False)["input_ids"])
-    return out
 
 
 def student_config(cfg: PretrainConfig, tokenizer):
@@ -115,7 +115,7 @@ def student_config(cfg: PretrainConfig, tokenizer):
 
 
 def build_model(cfg: PretrainConfig, config):
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except ValueError as e:
@@ -140,19 +140,112 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ---------------------------------------------------------------- data
+
+
+def load_splits(cfg: PretrainConfig):
+    """(train dataset, held-out dataset, description of the row selection) without reading the texts."""
+    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
+    corpus.check_columns(ds, cfg.text_column, None, cfg.data)
+    if corpus.count_blank(ds, cfg.text_column) == len(ds):
+        raise RefineError(f"all documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
+    if cfg.eval_data is not None:
+        eval_ds = corpus.load_corpus(cfg.eval_data, cfg.split, cfg.name)
+        corpus.check_columns(eval_ds, cfg.text_column, None, cfg.eval_data)
+        return ds, eval_ds, "all rows"
+    train_rows, eval_rows = split_documents(len(ds), cfg.eval_fraction, cfg.seed)
+    selection = f"all rows but a held-out {cfg.eval_fraction} of {len(ds)}, seed {cfg.seed}"
+    return ds.select(train_rows), ds.select(eval_rows), selection
+
+
+def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: int) -> list[np.ndarray]:
+    """Packed held-out sequences (remainder kept), tokenising only as many documents as `limit` needs."""
+    token_lists, n_tokens = [], 0
+    for batch in eval_ds.select_columns([text_column]).iter(batch_size=256):
+        texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
+        if texts:
+            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+                token_lists.append(ids)
+                n_tokens += len(ids) + 1
+        if n_tokens >= (limit + 1) * seq_len:
+            break
+    return pack(token_lists, tokenizer.eos_token_id, seq_len, keep_remainder=True)[:limit]
+
+
+def token_file(cfg: PretrainConfig, train_ds, selection: str, tokenizer, world: World) -> packed.TokenFile:
+    """The memory-mapped training tokens: built once per node (local rank 0) and reused by later runs."""
+    cache_dir = Path(cfg.token_cache).expanduser() if cfg.token_cache else packed.default_cache_dir()
+    meta = {
+        "source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
+        "selection": selection, "dataset_fingerprint": train_ds._fingerprint,  # datasets' hash of files + version
+        "tokenizer": cfg.tokenizer, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
+    }
+    try:
+        if world.local_rank == 0:
+            tokens = packed.open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta)
+        world.barrier()
+        if world.local_rank != 0:
+            tokens = packed.open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, build_here=False)
+    except OSError as e:
+        raise RefineError(f"token cache {str(cache_dir)!r}: {e}; check --token-cache (it must be writable)") from None
+    return tokens
+
+
+# ---------------------------------------------------------------- model wrapping
+
+
+def wrap_model(model, cfg: PretrainConfig, world: World, device: torch.device):
+    """(module whose forward(input_ids) returns the mean loss, the HF model inside it)."""
+    if cfg.activation_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise RefineError(f"{model.config.model_type} does not support --activation-checkpointing; drop the flag")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_module = CausalLMLoss(model, lean=cfg.lean_loss)
+    if cfg.fsdp and world.world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        block_names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module)
+        fully_shard(loss_module)
+    elif world.world_size > 1:
+        # Buffers (rotary tables) are the same on every rank: no need to broadcast them each forward.
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+    if cfg.compile:
+        loss_module = torch.compile(loss_module)
+    return loss_module
+
+
+def no_sync(loss_module, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if last_micro_step or not hasattr(loss_module, "no_sync"):
+        return contextlib.nullcontext()
+    return loss_module.no_sync()
+
+
 @torch.no_grad()
 def evaluate(model, sequences: list[np.ndarray], micro_batch_size: int, device, dtype) -> float:
-    """Token-weighted mean next-token loss (nats) over the held-out sequences."""
+    """Token-weighted mean next-token loss (nats) over the held-out sequences.
+
+    `model` is a causal LM, or the loss module as wrapped for training. Under torchrun every rank evaluates
+    all sequences (they are few): FSDP needs every rank in every forward pass, and all get the same figure.
+    """
+    if isinstance(model, PreTrainedModel):
+        model = CausalLMLoss(model, lean=False)
+    elif isinstance(model, DistributedDataParallel):
+        model = model.module  # replicas are identical; no collectives needed
     model.eval()
     total_loss, total_tokens = 0.0, 0
     by_length: dict[int, list[np.ndarray]] = {}
     for s in sequences:
         by_length.setdefault(len(s), []).append(s)
-    for length, group in by_length.items():
+    for length, group in sorted(by_length.items()):
         for start in range(0, len(group), micro_batch_size):
-            batch = torch.from_numpy(np.stack(group[start : start + micro_batch_size])).to(device)
+            batch = torch.from_numpy(np.stack(group[start : start + micro_batch_size]).astype(np.int64)).to(device)
             with autocast(device, dtype):
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(batch)
             n = batch.shape[0] * (length - 1)
             total_loss += loss.item() * n
             total_tokens += n
@@ -160,25 +253,58 @@ def evaluate(model, sequences: list[np.ndarray], micro_batch_size: int, device, 
     return total_loss / total_tokens
 
 
-def save_checkpoint(output: Path, model, optimizer, scheduler, step: int, cfg: PretrainConfig) -> None:
-    """Write checkpoint.tmp fully, then swap it in; a crash leaves either the old or the new checkpoint."""
-    final, staging, old = output / CHECKPOINT, output / f"{CHECKPOINT}.tmp", output / f"{CHECKPOINT}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(model, str(staging / "model.safetensors"))
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(state, staging / "trainer_state.pt")
-    write_json(staging / "config.json", asdict(cfg))
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    on_device = values.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_states(world: World) -> list:
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world.world_size == 1:
+        return [state]
+    gathered = [None] * world.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def full_state(loss_module, model, optimizer, cfg: PretrainConfig, world: World) -> tuple[dict | None, dict]:
+    """(model weights on rank 0, optimizer state) gathered from FSDP shards; plain references otherwise."""
+    if not (cfg.fsdp and world.world_size > 1):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(loss_module, optimizer, options=options)
+    return {k.removeprefix("model."): v for k, v in model_state.items()}, optimizer_state
+
+
+def save_checkpoint(output: Path, loss_module, model, optimizer, scheduler, step: int, cfg: PretrainConfig,
+                    world: World) -> None:
+    """Rank 0 writes checkpoint.tmp fully, then swaps it in; a crash leaves either the old or the new checkpoint."""
+    model_state, optimizer_state = full_state(loss_module, model, optimizer, cfg, world)
+    rng = _rng_states(world)
+    if world.is_main:
+        final, staging, old = output / CHECKPOINT, output / f"{CHECKPOINT}.tmp", output / f"{CHECKPOINT}.old"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if model_state is None:
+            save_model(model, str(staging / "model.safetensors"))
+        else:
+            model.save_pretrained(staging / "fsdp_full", state_dict=model_state, safe_serialization=True)
+        state = {"step": step, "sequences": step * global_batch(cfg, world.world_size),
+                 "global_batch": global_batch(cfg, world.world_size), "world_size": world.world_size,
+                 "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng}
+        torch.save(state, staging / "trainer_state.pt")
+        write_json(staging / "config.json", asdict(cfg))
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
 
 
 def find_checkpoint(output: Path) -> Path | None:
@@ -188,7 +314,7 @@ def find_checkpoint(output: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, cfg: PretrainConfig, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, cfg: PretrainConfig, loss_module, model, optimizer, scheduler, world: World) -> int:
     saved = json.loads((path / "config.json").read_text())
     changed = [k for k, v in asdict(cfg).items() if k not in RESUME_FREE and saved.get(k) != v]
     if changed:
@@ -196,27 +322,64 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, model, optimizer, scheduler
             f"the checkpoint in {str(path.parent)!r} was made with other settings ({', '.join(changed)}); "
             "resume with the original options or start a new --output"
         )
-    load_model(model, str(path / "model.safetensors"))
     state = torch.load(path / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if state["global_batch"] != global_batch(cfg, world.world_size):
+        raise RefineError(
+            f"the checkpoint was trained with a global batch of {state['global_batch']} sequences; this run's is "
+            f"{global_batch(cfg, world.world_size)} (micro-batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum} "
+            f"x {world.world_size} processes); choose --micro-batch-size/--grad-accum to match"
+        )
+    if cfg.fsdp and world.world_size > 1:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        weights = {}
+        for f in sorted((path / "fsdp_full").glob("*.safetensors")):
+            weights.update(load_file(f))
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_state_dict(loss_module, optimizer, model_state_dict={f"model.{k}": v for k, v in weights.items()},
+                       optim_state_dict=state["optimizer"], options=options)
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["world_size"] == world.world_size:
+        rng = state["rng"][world.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # another process count: data order is exact, dropout masks are freshly seeded
+        torch.manual_seed(cfg.seed + 7919 * (world.rank + 1) + int(state["step"]))
     return int(state["step"])
+
+
+# ---------------------------------------------------------------- the run
 
 
 def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
     """Train a model from scratch on `cfg.data`; save it (safetensors + tokenizer) to `cfg.output`.
 
     `stop_after_step` ends the run early, as a crash would, after that step's checkpoint (for tests).
+    Under torchrun every rank calls this; rank 0 writes the files and returns the manifest.
     """
     validate(cfg)
+    world = init_world(cfg.device)
+    try:
+        return _pretrain(cfg, world, stop_after_step)
+    finally:
+        close_world(world)
+
+
+def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) -> dict:
     started = time.time()
     output = Path(cfg.output)
-    claim_output_dir(output, cfg.overwrite)
-    if cfg.overwrite and output.exists():
-        shutil.rmtree(output)
+    if world.is_main:
+        claim_output_dir(output, cfg.overwrite)
+        if cfg.overwrite and output.exists():
+            shutil.rmtree(output)
+    else:
+        _check_output(output, cfg.overwrite)  # every rank fails alike on a bad output, none waits at a barrier
+    world.barrier()
     checkpoint = find_checkpoint(output)
     if cfg.resume and checkpoint is None:
         raise RefineError(f"--resume given but {str(output)!r} holds no checkpoint; drop --resume to start fresh")
@@ -226,67 +389,69 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
             "or choose another --output"
         )
 
-    # ---- data: tokenize, hold out, pack
+    # ---- data: tokenised and packed once into a memory-mapped file; a held-out set
     tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
     model_config = student_config(cfg, tokenizer)
-    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
-    corpus.check_columns(ds, cfg.text_column, None, cfg.data)
-    texts = [t for t in ds[cfg.text_column] if not corpus.is_blank(t)]
-    if not texts:
-        raise RefineError(f"all documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
-    if cfg.eval_data is not None:
-        eval_ds = corpus.load_corpus(cfg.eval_data, cfg.split, cfg.name)
-        corpus.check_columns(eval_ds, cfg.text_column, None, cfg.eval_data)
-        train_texts, eval_texts = texts, [t for t in eval_ds[cfg.text_column] if not corpus.is_blank(t)]
-    else:
-        train_rows, eval_rows = split_documents(len(texts), cfg.eval_fraction, cfg.seed)
-        train_texts, eval_texts = [texts[i] for i in train_rows], [texts[i] for i in eval_rows]
-    train_sequences = pack(tokenize(tokenizer, train_texts), tokenizer.eos_token_id, cfg.seq_len)
-    eval_sequences = pack(tokenize(tokenizer, eval_texts), tokenizer.eos_token_id, cfg.seq_len, keep_remainder=True)
-    eval_sequences = eval_sequences[: cfg.max_eval_sequences]
-    if not train_sequences:
-        raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")
-    if not eval_sequences:
+    train_ds, eval_ds, selection = load_splits(cfg)
+    held_out = eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences)
+    if not held_out:
         raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
-    train_data = np.stack(train_sequences)  # (n_sequences, seq_len)
+    tokens = token_file(cfg, train_ds, selection, tokenizer, world)
+    n_sequences = tokens.n_sequences(cfg.seq_len)
+    if n_sequences == 0:
+        raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")
 
     # ---- model, optimizer, schedule
-    device = models.resolve_device(cfg.device)
+    device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
     model = build_model(cfg, model_config).to(device)
     model.train()
-    steps = total_steps(cfg)
-    optimizer = make_optimizer(model, cfg, device)
+    loss_module = wrap_model(model, cfg, world, device)
+    torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))  # dropout: its own stream per rank
+    steps = total_steps(cfg, world.world_size)
+    optimizer = make_optimizer(loss_module, cfg, device)
     warmup = min(cfg.warmup_steps, steps // 10)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=cfg.min_lr_ratio)
-    step = load_checkpoint(checkpoint, cfg, model, optimizer, scheduler) if cfg.resume else 0
-    output.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(output / METRICS, step)
+    step = load_checkpoint(checkpoint, cfg, loss_module, model, optimizer, scheduler, world) if cfg.resume else 0
+    if world.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(output / METRICS, step)
 
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seq_len
+    batch_sequences = global_batch(cfg, world.world_size)
+    tokens_per_step = batch_sequences * cfg.seq_len
     n_params = sum(p.numel() for p in model.parameters())
-    tqdm.write(
-        f"training {model.config.model_type} ({n_params / 1e6:.1f}M params) for {steps} steps x {tokens_per_step} tokens "
-        f"on {len(train_data)} sequences of {cfg.seq_len} ({len(train_data) * cfg.seq_len} tokens); "
-        f"{len(eval_sequences)} held-out sequences"
-    )
-    progress = tqdm(total=steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    flops_per_token = 6 * matmul_params(model)
+    peak, peak_source = ((cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else device_peak(device, dtype))
+    if world.is_main:
+        tqdm.write(
+            f"training {model.config.model_type} ({n_params / 1e6:.1f}M params) on {world.world_size} process(es) "
+            f"[{'FSDP' if cfg.fsdp and world.world_size > 1 else 'DDP' if world.world_size > 1 else 'single'}, "
+            f"{device.type}, {str(dtype).removeprefix('torch.')}]: {steps} steps x global batch {batch_sequences} "
+            f"(micro {cfg.micro_batch_size} x accum {cfg.grad_accum} x {world.world_size}) x {cfg.seq_len} tokens "
+            f"= {steps * tokens_per_step:,} tokens over {n_sequences:,} packed sequences "
+            f"({steps * batch_sequences / n_sequences:.2f} epochs); {len(held_out)} held-out sequences; "
+            f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})"
+        )
+    progress = tqdm(total=steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not world.is_main)
     eval_loss = None
     window_start, window_tokens = time.time(), 0
     while step < steps:
-        # ---- one optimizer step over grad_accum micro-batches
-        loss_sum = 0.0
+        # ---- one optimizer step: each rank runs grad_accum micro-batches of its slice of the global batch
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
-            position = (step * cfg.grad_accum + micro) * cfg.micro_batch_size
-            rows = sample_order(position, cfg.micro_batch_size, len(train_data), cfg.seed)
-            batch = torch.from_numpy(train_data[rows]).to(device)  # (B, T)
-            with autocast(device, dtype):
-                loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            position = (step * cfg.grad_accum + micro) * cfg.micro_batch_size * world.world_size
+            rows = packed.sample_order(position + world.rank * cfg.micro_batch_size, cfg.micro_batch_size,
+                                       n_sequences, cfg.seed)
+            batch = torch.from_numpy(tokens.batch(rows, cfg.seq_len)).to(device, non_blocking=True)  # (B, T)
+            with no_sync(loss_module, micro == cfg.grad_accum - 1):
+                with autocast(device, dtype):
+                    loss = loss_module(batch) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach().double().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -296,26 +461,33 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
         # ---- evaluate, log, checkpoint
         record = None
         if step % cfg.eval_every == 0 or step == steps:
-            eval_loss = evaluate(model, eval_sequences, cfg.micro_batch_size, device, dtype)
+            eval_loss = evaluate(loss_module, held_out, cfg.micro_batch_size, device, dtype)
             record = {"eval_loss": eval_loss}
         if step % cfg.log_every == 0 or record is not None:
-            elapsed = time.time() - window_start
+            if world.world_size > 1:
+                loss_sum = _all_reduce_sum(loss_sum.reshape(1), device)[0] / world.world_size
+            elapsed = max(time.time() - window_start, 1e-9)
+            tokens_per_s = window_tokens / elapsed
+            mfu = flops_per_token * tokens_per_s / (peak * world.world_size)
             record = {
                 "step": step,
                 "tokens": step * tokens_per_step,
-                "loss": loss_sum,
+                "loss": float(loss_sum),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
                 **(record or {}),
             }
-            with open(output / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if world.is_main:
+                with open(output / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{float(loss_sum):.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-",
+                                     tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             window_start, window_tokens = time.time(), 0
-        progress.set_postfix(loss=f"{loss_sum:.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-")
         progress.update(1)
         if step % cfg.save_every == 0 or step == steps:
-            save_checkpoint(output, model, optimizer, scheduler, step, cfg)
+            save_checkpoint(output, loss_module, model, optimizer, scheduler, step, cfg, world)
         if stop_after_step is not None and step >= stop_after_step and step < steps:
             progress.close()
             return {"stopped_at_step": step}
@@ -327,14 +499,27 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
         "settings": asdict(cfg),
         "model_type": model.config.model_type,
         "n_params": n_params,
+        "world_size": world.world_size,
+        "global_batch": batch_sequences,
         "steps": steps,
         "tokens": steps * tokens_per_step,
-        "train_sequences": len(train_data),
+        "train_sequences": n_sequences,
+        "token_file": str(tokens.directory),
         "eval_loss": eval_loss,
         "elapsed_s": round(time.time() - started, 1),
     }
-    _save_final(output, model, tokenizer, manifest)
-    return manifest
+    model_state, _ = full_state(loss_module, model, optimizer, cfg, world)
+    if world.is_main:
+        _save_final(output, model, tokenizer, manifest, model_state)
+    world.barrier()
+    return manifest if world.is_main else {"rank": world.rank}
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise RefineError(f"output {str(output)!r} is a file; give a directory path")
+    if (output / MANIFEST).exists() and not overwrite:
+        raise RefineError(f"output {str(output)!r} already holds a finished result; pass --overwrite or choose another --output")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -345,11 +530,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _save_final(output: Path, model, tokenizer, manifest: dict) -> None:
+def _save_final(output: Path, model, tokenizer, manifest: dict, state_dict: dict | None = None) -> None:
     """save_pretrained into a staging dir, move each file into place, write the manifest last."""
     staging = output / "final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
         f.replace(output / f.name)

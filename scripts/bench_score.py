@@ -29,24 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of a square matmul: the machine's practical dense peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from refine.flops import matmul_params, measure_matmul_peak, synchronize
 
 
 def load_sequences(args) -> tuple[list[list[int]], str]:
@@ -89,14 +72,6 @@ def load_model(quick: bool, device, dtype):
     return load_causal_lm(teacher_path(), dtype=dtype, device=device)
 
 
-def matmul_params(model) -> int:
-    """Parameters that take part in a matmul per token: all but an untied input embedding."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    return total if embedding is head else total - embedding.numel()
-
-
 @torch.inference_mode()
 def baseline_logprobs(model, sequences, batch_size, device) -> np.ndarray:
     out = np.zeros(len(sequences))
@@ -137,10 +112,10 @@ def run_arm(args) -> dict:
         return sequence_logprobs(model, seqs, args.max_tokens_per_batch, device)
 
     run(sequences[: args.batch_size])  # warm-up
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     logprobs = run(sequences)
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - start
     result = {
         "arm": args.arm,

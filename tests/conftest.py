@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+# Token files built by `refine pretrain` go to a throwaway cache, not the user's ~/.cache (subprocesses inherit it).
+os.environ["REFINE_CACHE"] = tempfile.mkdtemp(prefix="refine-test-cache-")
 
 TINY = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

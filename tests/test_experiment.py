@@ -28,4 +28,4 @@ def test_quick_experiment_writes_table_json_and_plot(tmp_path, teacher_dir):
     # cached: a rerun trains nothing and scores nothing again
     rerun = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--teacher", str(teacher_dir), "--workdir", str(work)],
                            capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0 and "student " not in rerun.stdout and "scoring the pool" not in rerun.stdout
+    assert rerun.returncode == 0 and "s] student " not in rerun.stdout and "scoring the pool" not in rerun.stdout

@@ -1,0 +1,121 @@
+"""Tokenise a corpus once into a memory-mapped token file that every later run with that tokenizer reuses.
+
+A token directory holds `tokens.bin`, the documents' token ids one after another, each followed by EOS
+(uint16 when the vocabulary fits, else uint32), and `meta.json`, written last, saying what was tokenised.
+Training sequences of any length are views into that stream, so students with different `--seq-len`
+share the file too; nothing is loaded into memory but the sequences of the current batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from refine import data as corpus
+from refine.output import write_json
+
+TOKENS = "tokens.bin"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("REFINE_CACHE", Path.home() / ".cache" / "refine")) / "tokens"
+
+
+def cache_key(dataset_fingerprint: str, tokenizer_fingerprint: str, text_column: str, selection: str) -> str:
+    """Same corpus version, tokenizer, column and row selection -> same token file."""
+    state = [FORMAT_VERSION, dataset_fingerprint, tokenizer_fingerprint, text_column, selection]
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:24]
+
+
+@dataclass
+class TokenFile:
+    directory: Path
+    tokens: np.ndarray  # memory-mapped, 1-D
+    meta: dict
+
+    @classmethod
+    def open(cls, directory: Path) -> "TokenFile":
+        meta = json.loads((directory / META).read_text())
+        tokens = np.memmap(directory / TOKENS, dtype=np.dtype(meta["dtype"]), mode="r")
+        if len(tokens) != meta["n_tokens"]:
+            raise OSError(f"{directory / TOKENS} holds {len(tokens)} tokens, its meta.json says {meta['n_tokens']}")
+        return cls(directory, tokens, meta)
+
+    def n_sequences(self, seq_len: int) -> int:
+        return len(self.tokens) // seq_len
+
+    def batch(self, rows: np.ndarray, seq_len: int) -> np.ndarray:
+        """(len(rows), seq_len) int64: the packed sequences with these indices (the tail is never used)."""
+        return np.stack([self.tokens[r * seq_len : (r + 1) * seq_len] for r in rows]).astype(np.int64)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_size: int = 1000) -> TokenFile:
+    """Tokenise `ds[text_column]` batch by batch into directory/tokens.bin (skipping blank documents).
+
+    The stream goes to a temporary file that is renamed into place and meta.json comes last, so a killed
+    build leaves nothing that looks finished; concurrent builders (one per node) each use their own temp file.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    temp = directory / f"{TOKENS}.{socket.gethostname()}.{os.getpid()}.tmp"
+    n_tokens = n_docs = 0
+    started = time.time()
+    column = ds.select_columns([text_column])
+    with open(temp, "wb") as f, tqdm(total=len(ds), desc="tokenize", unit="doc", dynamic_ncols=True) as progress:
+        for batch in column.iter(batch_size=batch_size):
+            texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
+            if texts:
+                ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+                stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
+                f.write(stream.tobytes())
+                n_tokens += len(stream)
+                n_docs += len(texts)
+            progress.update(len(batch[text_column]))
+    temp.replace(directory / TOKENS)
+    write_json(directory / META, {**meta, "dtype": dtype.name, "n_tokens": n_tokens, "n_documents": n_docs,
+                                  "eos_token_id": eos, "vocab_size": len(tokenizer), "format": FORMAT_VERSION,
+                                  "elapsed_s": round(time.time() - started, 1)})
+    return TokenFile.open(directory)
+
+
+def open_or_build(cache_dir: Path, ds, text_column: str, tokenizer, meta: dict, build_here: bool = True) -> TokenFile:
+    """The token file for this corpus selection and tokenizer: reused when one exists, else built (if build_here)."""
+    key = cache_key(meta["dataset_fingerprint"], meta["tokenizer_fingerprint"], text_column, meta["selection"])
+    directory = cache_dir / key
+    if (directory / META).exists():
+        return TokenFile.open(directory)
+    if not build_here:
+        raise FileNotFoundError(directory / META)
+    return build(directory, ds, text_column, tokenizer, meta)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed: int, epoch: int, n_sequences: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_sequences)
+
+
+def sample_order(position: int, count: int, n_sequences: int, seed: int) -> np.ndarray:
+    """Sequence indices for global training positions [position, position+count): a fresh seeded shuffle each epoch.
+
+    A pure function of the position, so resuming needs only the number of sequences consumed, whatever the
+    number of processes.
+    """
+    positions = np.arange(position, position + count)
+    epochs, offsets = np.divmod(positions, n_sequences)
+    return np.asarray([epoch_permutation(seed, int(e), n_sequences)[o] for e, o in zip(epochs, offsets)])
