@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from refine.config import PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig, field_help, load_config
+from refine.config import DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig, field_help, load_config
 from refine.errors import RefineError
 
 app = typer.Typer(
@@ -207,6 +207,10 @@ def pretrain_command(
     fsdp: Optional[bool] = _opt(PretrainConfig, "fsdp", "--fsdp/--no-fsdp"),
     peak_tflops: Optional[float] = _opt(PretrainConfig, "peak_tflops", "--peak-tflops"),
     nproc: Optional[int] = _opt(PretrainConfig, "nproc", "--nproc"),
+    kd_teacher: Optional[str] = _opt(PretrainConfig, "kd_teacher", "--kd-teacher"),
+    kd_cache: Optional[str] = _opt(PretrainConfig, "kd_cache", "--kd-cache"),
+    kd_weight: Optional[float] = _opt(PretrainConfig, "kd_weight", "--kd-weight"),
+    kd_temperature: Optional[float] = _opt(PretrainConfig, "kd_temperature", "--kd-temperature"),
     trust_remote_code: Optional[bool] = _opt(PretrainConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
     overwrite: Optional[bool] = _opt(PretrainConfig, "overwrite", "--overwrite/--no-overwrite"),
 ):
@@ -225,6 +229,74 @@ def pretrain_command(
     if "rank" in m:  # not rank 0: rank 0 reports
         return
     typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
+
+
+@app.command("distill-cache")
+def distill_cache_command(
+    data: Optional[str] = _arg(DistillCacheConfig, "data"),
+    teacher: Optional[str] = _opt(DistillCacheConfig, "teacher", "--teacher"),
+    output: Optional[str] = _opt(DistillCacheConfig, "output", "--output", "-o"),
+    top_k: Optional[int] = _opt(DistillCacheConfig, "top_k", "--top-k"),
+    logprob_dtype: Optional[str] = _opt(DistillCacheConfig, "logprob_dtype", "--logprob-dtype"),
+    seq_len: Optional[int] = _opt(DistillCacheConfig, "seq_len", "--seq-len"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    split: Optional[str] = _opt(DistillCacheConfig, "split", "--split"),
+    name: Optional[str] = _opt(DistillCacheConfig, "name", "--name"),
+    text_column: Optional[str] = _opt(DistillCacheConfig, "text_column", "--text-column"),
+    eval_data: Optional[str] = _opt(DistillCacheConfig, "eval_data", "--eval-data"),
+    eval_fraction: Optional[float] = _opt(DistillCacheConfig, "eval_fraction", "--eval-fraction"),
+    seed: Optional[int] = _opt(DistillCacheConfig, "seed", "--seed"),
+    token_cache: Optional[str] = _opt(DistillCacheConfig, "token_cache", "--token-cache"),
+    teacher_revision: Optional[str] = _opt(DistillCacheConfig, "teacher_revision", "--teacher-revision"),
+    batch_size: Optional[int] = _opt(DistillCacheConfig, "batch_size", "--batch-size"),
+    shard_sequences: Optional[int] = _opt(DistillCacheConfig, "shard_sequences", "--shard-sequences"),
+    device: Optional[str] = _opt(DistillCacheConfig, "device", "--device"),
+    dtype: Optional[str] = _opt(DistillCacheConfig, "dtype", "--dtype"),
+    nproc: Optional[int] = _opt(DistillCacheConfig, "nproc", "--nproc"),
+    trust_remote_code: Optional[bool] = _opt(DistillCacheConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
+    overwrite: Optional[bool] = _opt(DistillCacheConfig, "overwrite", "--overwrite/--no-overwrite"),
+):
+    """Cache the teacher's top-k next tokens for every packed training sequence, for `refine pretrain --kd-cache`.
+
+    Give the same data, --seq-len and held-out options as the pretrain run that will use it. Resumable
+    (rerun the same command); many GPUs: `--nproc N` or torchrun, shards dealt round-robin.
+    """
+    from refine.distill import build_cache
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "build_cache")}
+    cfg = _run(DistillCacheConfig, config, overrides, lambda c: c)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(cfg.nproc)
+    m = _run(DistillCacheConfig, config, overrides, build_cache)
+    if "rank" in m:
+        return
+    typer.echo(f"cached the top {m['top_k']} teacher tokens for {m['n_sequences']} sequences of {m['seq_len']} "
+               f"({m['bytes_per_token']} bytes per token) in {m['elapsed_s']} s")
+
+
+@app.command("plan")
+def plan_command(
+    student_params: Optional[str] = _opt(PlanConfig, "student_params", "--student-params"),
+    tokens: Optional[str] = _opt(PlanConfig, "tokens", "--tokens"),
+    teacher_loss: Optional[float] = _opt(PlanConfig, "teacher_loss", "--teacher-loss"),
+    from_scores: Optional[str] = _opt(PlanConfig, "from_scores", "--from-scores"),
+    teacher_params: Optional[str] = _opt(PlanConfig, "teacher_params", "--teacher-params"),
+    teacher_tokens: Optional[str] = _opt(PlanConfig, "teacher_tokens", "--teacher-tokens"),
+    compute: Optional[str] = _opt(PlanConfig, "compute", "--compute"),
+    candidate: Optional[List[str]] = _opt(PlanConfig, "candidate", "--candidate"),
+    scenario: Optional[str] = _opt(PlanConfig, "scenario", "--scenario"),
+    plot: Optional[str] = _opt(PlanConfig, "plot", "--plot"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+):
+    """Predict a student's loss with and without distillation, and its compute, before paying for either.
+
+    Uses the distillation scaling law of Busbridge et al. (2025) (fitted on C4): a planning estimate.
+    """
+    from refine.plan import plan
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "plan")}
+    for line in _run(PlanConfig, config, overrides, plan):
+        typer.echo(line)
 
 
 def _launch_torchrun(nproc: int) -> None:

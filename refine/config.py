@@ -178,8 +178,74 @@ class PretrainConfig(CorpusArgs):
         "else a measured matmul rate.",
     )
     nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU), data parallel.")
+    kd_teacher: Optional[str] = option(
+        None,
+        "Online token-level distillation from this teacher (hub id, directory or .gguf), run in inference mode in "
+        "the same process; it must use --tokenizer's vocabulary.",
+    )
+    kd_cache: Optional[str] = option(
+        None, "Distil from an offline top-k cache written by `refine distill-cache` (instead of --kd-teacher)."
+    )
+    kd_weight: float = option(
+        0.5,
+        "Weight w of the distillation term: loss = (1 - w) * CE(data) + w * tau^2 * KL(teacher^tau || student^tau) "
+        "per token (forward KL). 1 means pure distillation (no data loss); 0 switches KD off.",
+    )
+    kd_temperature: float = option(1.0, "Temperature tau of teacher and student distributions in the KD term.")
     trust_remote_code: bool = option(False, "Allow configs/tokenizers to run code from their repository.")
     overwrite: bool = option(False, "Replace an output directory that already holds a finished model.")
+
+
+@dataclass
+class PlanConfig:
+    student_params: Optional[str] = required("Student size in non-embedding parameters, e.g. 200M.")
+    tokens: Optional[str] = option(None, "Student training (distillation) tokens D_S, e.g. 10B; or give --compute.")
+    teacher_loss: Optional[float] = option(None, "Teacher cross-entropy L_T in nats/token (or --from-scores).")
+    from_scores: Optional[str] = option(None, "Read L_T as the teacher's measured NLL per token in a `refine score` output.")
+    teacher_params: Optional[str] = option(None, "Teacher size, e.g. 1.8B: adds its logit cost 2 N_T D_S to the compute.")
+    teacher_tokens: Optional[str] = option(
+        None, "Teacher training tokens D_T, e.g. 3T: adds 6 N_T D_T in the scenarios that count teacher training."
+    )
+    compute: Optional[str] = option(
+        None, "Compute budget in FLOPs (e.g. 1e21): find the best teacher (of --candidate) and token count for it."
+    )
+    candidate: Optional[list] = option(
+        None,
+        "Candidate teacher for --compute, as PARAMS:LOSS for an existing one (e.g. 1.8B:2.3) or PARAMS for one to be "
+        "trained within the budget; repeatable. Default: the --teacher-params/--teacher-loss teacher.",
+    )
+    scenario: str = option(
+        "teacher-inference",
+        "Which teacher costs count (paper's Table 2): best-case, teacher-inference, teacher-pretraining, "
+        "teacher-pretraining-and-inference.",
+    )
+    plot: Optional[str] = option(None, "Also draw student loss vs teacher loss (the capacity-gap U) to this PNG.")
+
+
+@dataclass
+class DistillCacheConfig(CorpusArgs):
+    data: Optional[str] = required(
+        "Training corpus exactly as `refine pretrain` will read it (e.g. a refined directory)."
+    )
+    teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file; its tokenizer is the student's.")
+    output: Optional[str] = required("Directory for the cache (shards of top-k ids and log-probs, meta.json last).")
+    top_k: int = option(64, "Teacher tokens kept per position (the most probable ones).")
+    logprob_dtype: str = option(
+        "float16", "Storage of the kept log-probs: `float16` (2 bytes each) or `float32` (4 bytes, exact)."
+    )
+    seq_len: int = option(1024, "Packed sequence length; must equal the student's --seq-len.")
+    eval_data: Optional[str] = option(None, "As in `refine pretrain`: a held-out corpus, so no documents are held out of DATA.")
+    eval_fraction: float = option(0.02, "As in `refine pretrain`: fraction of documents held out (not cached).")
+    seed: int = option(0, "As in `refine pretrain`: the seed of the held-out split.")
+    token_cache: Optional[str] = option(None, "As in `refine pretrain`: where tokenised, packed corpora are kept.")
+    teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
+    batch_size: int = option(8, "Sequences per teacher forward pass.")
+    shard_sequences: int = option(1024, "Packed sequences per cache shard; each finished shard is written atomically.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.")
+    dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.")
+    trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a finished cache.")
 
 
 Config = TypeVar("Config")

@@ -21,30 +21,75 @@ PLAIN_HEAD_FAMILIES = frozenset({
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum over positions of -log softmax(h @ W.T)[target]; positions with target -100 are skipped."""
+class Teacher:
+    """The teacher's next-token distribution for a slice of positions, at temperature tau.
+
+    Dense (online KD): teacher hidden states (N, H_T) and its head (V, H_T), or its logits (N, V).
+    Sparse (offline cache): top-k ids (N, K) and their log-probs (N, K), renormalised over the kept ids.
+    """
+
+    def __init__(self, hidden=None, head_weight=None, logits=None, top_ids=None, top_logprobs=None):
+        self.hidden, self.head_weight, self.logits = hidden, head_weight, logits
+        self.top_ids, self.top_logprobs = top_ids, top_logprobs
+
+    def kl_and_grad(self, student_logits: torch.Tensor, rows: slice, tau: float):
+        """(KL(q || p_s^tau) per row, d KL / d student logits) with q the teacher's tempered distribution."""
+        log_p = torch.log_softmax(student_logits / tau, dim=-1)
+        if self.top_ids is not None:
+            ids = self.top_ids[rows].long()
+            log_q = torch.log_softmax(self.top_logprobs[rows].float() / tau, dim=-1)
+            q = log_q.exp()
+            kl = (q * (log_q - log_p.gather(1, ids))).sum(-1)
+            grad = log_p.exp()
+            grad.scatter_add_(1, ids, -q)
+        else:
+            if self.logits is not None:
+                teacher_logits = self.logits[rows].float()
+            else:
+                teacher_logits = (self.hidden[rows] @ self.head_weight.T).float()
+            log_q = torch.log_softmax(teacher_logits / tau, dim=-1)
+            q = log_q.exp()
+            kl = (q * (log_q - log_p)).sum(-1)
+            grad = log_p.exp() - q
+        return kl, grad / tau
+
+
+class _LinearDistillLoss(torch.autograd.Function):
+    """Sum over positions of (1-w) * CE + w * tau^2 * KL(teacher^tau || student^tau); targets -100 are skipped.
+
+    With no teacher (w = 0) this is the plain next-token loss.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype: torch.dtype, teacher, kd_weight: float,
+                tau: float):
         keep = targets != -100
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         w = weight.to(compute_dtype)
+        ce_weight = 1.0 - kd_weight if teacher is not None else 1.0
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows].to(compute_dtype)
-            t = targets[start : start + chunk_rows]
-            mask = keep[start : start + chunk_rows]
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows].to(compute_dtype)
+            t = targets[rows]
+            mask = keep[rows]
             logits = (h @ w.T).float()
             log_z = torch.logsumexp(logits, dim=-1)
             safe_t = t.clamp(min=0)
-            total += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * mask).sum()
-            # d loss / d logits = softmax - onehot, zero on skipped rows
+            loss = ce_weight * (log_z - logits.gather(1, safe_t[:, None]).squeeze(1))
+            # d CE / d logits = softmax - onehot
             grad_logits = torch.exp(logits - log_z[:, None])
             grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad_logits *= ce_weight
+            if teacher is not None and kd_weight > 0:
+                kl, grad_kl = teacher.kl_and_grad(logits, rows, tau)
+                loss = loss + kd_weight * tau**2 * kl
+                grad_logits += (kd_weight * tau**2) * grad_kl
+            total += (loss * mask).sum()
             grad_logits *= mask[:, None]
             grad_logits = grad_logits.to(compute_dtype)
-            grad_hidden[start : start + chunk_rows] = (grad_logits @ w).to(hidden.dtype)
+            grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_empty(0))
@@ -55,16 +100,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_w = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk_bytes: int = CHUNK_BYTES, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Summed next-token loss of hidden states (N, H) against targets (N,) through a bias-free head (V, H)."""
+                             chunk_bytes: int = CHUNK_BYTES, compute_dtype: torch.dtype | None = None,
+                             teacher: Teacher | None = None, kd_weight: float = 0.0, tau: float = 1.0) -> torch.Tensor:
+    """Summed next-token loss of hidden states (N, H) against targets (N,) through a bias-free head (V, H).
+
+    With a teacher: (1 - kd_weight) * CE + kd_weight * tau^2 * KL(teacher^tau || student^tau) per position.
+    """
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     dtype = compute_dtype or hidden.dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
+        return _LinearDistillLoss.apply(hidden, weight, targets, chunk_rows, dtype, teacher, kd_weight, tau)
+
+
+def distill_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, teacher: Teacher | None,
+                             kd_weight: float, tau: float) -> torch.Tensor:
+    """The same summed loss from full student logits (N, V): for students without a plain LM head."""
+    logits = logits.float()
+    keep = targets != -100
+    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    if teacher is None or kd_weight == 0:
+        return (ce * keep).sum()
+    log_p = torch.log_softmax(logits / tau, dim=-1)
+    if teacher.top_ids is not None:
+        log_q = torch.log_softmax(teacher.top_logprobs.float() / tau, dim=-1)
+        kl = (log_q.exp() * (log_q - log_p.gather(1, teacher.top_ids.long()))).sum(-1)
+    else:
+        teacher_logits = teacher.logits if teacher.logits is not None else teacher.hidden @ teacher.head_weight.T
+        log_q = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return (((1 - kd_weight) * ce + kd_weight * tau**2 * kl) * keep).sum()
 
 
 def has_plain_head(model) -> bool:
@@ -78,28 +146,39 @@ def has_plain_head(model) -> bool:
 
 
 class CausalLMLoss(torch.nn.Module):
-    """Wraps a causal LM so that `forward(input_ids)` returns the mean next-token loss.
+    """Wraps a causal LM so that `forward(input_ids[, teacher])` returns the mean next-token (or KD) loss.
 
     DDP/FSDP wrap this module, so the chunked head runs inside their forward and gradients sync as usual.
-    `lean=False` (or a family outside PLAIN_HEAD_FAMILIES) uses the model's own `labels=` loss.
+    `lean=False` (or a family outside PLAIN_HEAD_FAMILIES) computes full logits instead: the model's own
+    `labels=` loss without a teacher, the same KD formula on full logits with one.
+    `teacher` covers the positions that predict input_ids[:, 1:], flattened: (B * (T-1), ...).
     """
 
-    def __init__(self, model, lean: bool = True, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, model, lean: bool = True, chunk_bytes: int = CHUNK_BYTES, kd_weight: float = 0.0,
+                 kd_temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.lean = lean and has_plain_head(model)
         self.chunk_bytes = chunk_bytes
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self.lean:
-            return self.model(input_ids=input_ids, labels=input_ids).loss
-        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
+    def forward(self, input_ids: torch.Tensor, teacher: Teacher | None = None) -> torch.Tensor:
         targets = input_ids[:, 1:].reshape(-1)
+        n_targets = (targets != -100).sum().clamp(min=1)
+        if not self.lean:
+            if teacher is None:
+                return self.model(input_ids=input_ids, labels=input_ids).loss
+            logits = self.model(input_ids=input_ids).logits[:, :-1]
+            total = distill_loss_from_logits(logits.reshape(-1, logits.shape[-1]), targets, teacher, self.kd_weight,
+                                             self.kd_temperature)
+            return total / n_targets
+        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         weight = self.model.get_output_embeddings().weight
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-        total = linear_cross_entropy_sum(hidden, weight, targets, self.chunk_bytes, compute_dtype)
-        return total / (targets != -100).sum().clamp(min=1)
+        total = linear_cross_entropy_sum(hidden, weight, targets, self.chunk_bytes, compute_dtype, teacher,
+                                         self.kd_weight, self.kd_temperature)
+        return total / n_targets
 
 
 def reference_loss(model, input_ids: torch.Tensor) -> torch.Tensor:

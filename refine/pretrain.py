@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from refine import data as corpus
-from refine import models, packed
+from refine import distill, models, packed
 from refine.config import PretrainConfig
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
@@ -65,6 +65,12 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--min-lr-ratio {cfg.min_lr_ratio} must be in [0, 1]")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume and --overwrite contradict each other; choose one")
+    if cfg.kd_teacher and cfg.kd_cache:
+        problems.append("--kd-teacher and --kd-cache both given; distil from one of them")
+    if not 0 <= cfg.kd_weight <= 1:
+        problems.append(f"--kd-weight {cfg.kd_weight} must be in [0, 1]")
+    if cfg.kd_temperature <= 0:
+        problems.append(f"--kd-temperature {cfg.kd_temperature} must be positive")
     if problems:
         raise RefineError(*problems)
 
@@ -194,13 +200,14 @@ def token_file(cfg: PretrainConfig, train_ds, selection: str, tokenizer, world: 
 # ---------------------------------------------------------------- model wrapping
 
 
-def wrap_model(model, cfg: PretrainConfig, world: World, device: torch.device):
+def wrap_model(model, cfg: PretrainConfig, world: World, device: torch.device, kd: bool = False):
     """(module whose forward(input_ids) returns the mean loss, the HF model inside it)."""
     if cfg.activation_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise RefineError(f"{model.config.model_type} does not support --activation-checkpointing; drop the flag")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_module = CausalLMLoss(model, lean=cfg.lean_loss)
+    loss_module = CausalLMLoss(model, lean=cfg.lean_loss, kd_weight=cfg.kd_weight if kd else 0.0,
+                               kd_temperature=cfg.kd_temperature)
     if cfg.fsdp and world.world_size > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -408,7 +415,13 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
     dtype = models.resolve_dtype(cfg.dtype, device)
     model = build_model(cfg, model_config).to(device)
     model.train()
-    loss_module = wrap_model(model, cfg, world, device)
+    kd_teacher = kd_cache = None
+    if cfg.kd_teacher:
+        kd_teacher = distill.load_teacher(cfg.kd_teacher, None, tokenizer, dtype, device, cfg.trust_remote_code)
+    if cfg.kd_cache:
+        kd_cache = distill.open_cache(cfg.kd_cache)
+        kd_cache.check_matches(tokens, cfg.seq_len, models.tokenizer_fingerprint(tokenizer), cfg.kd_cache)
+    loss_module = wrap_model(model, cfg, world, device, kd=kd_teacher is not None or kd_cache is not None)
     torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))  # dropout: its own stream per rank
     steps = total_steps(cfg, world.world_size)
     optimizer = make_optimizer(loss_module, cfg, device)
@@ -426,12 +439,13 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
     peak, peak_source = ((cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else device_peak(device, dtype))
     if world.is_main:
         tqdm.write(
-            f"training {model.config.model_type} ({n_params / 1e6:.1f}M params) on {world.world_size} process(es) "
+            f"training {model.config.model_type} ({n_params / 1e6:.2f}M params) on {world.world_size} process(es) "
             f"[{'FSDP' if cfg.fsdp and world.world_size > 1 else 'DDP' if world.world_size > 1 else 'single'}, "
             f"{device.type}, {str(dtype).removeprefix('torch.')}]: {steps} steps x global batch {batch_sequences} "
             f"(micro {cfg.micro_batch_size} x accum {cfg.grad_accum} x {world.world_size}) x {cfg.seq_len} tokens "
             f"= {steps * tokens_per_step:,} tokens over {n_sequences:,} packed sequences "
             f"({steps * batch_sequences / n_sequences:.2f} epochs); {len(held_out)} held-out sequences; "
+            f"{_kd_summary(cfg) if kd_teacher is not None or kd_cache is not None else 'no distillation'}; "
             f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})"
         )
     progress = tqdm(total=steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not world.is_main)
@@ -447,7 +461,9 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
             batch = torch.from_numpy(tokens.batch(rows, cfg.seq_len)).to(device, non_blocking=True)  # (B, T)
             with no_sync(loss_module, micro == cfg.grad_accum - 1):
                 with autocast(device, dtype):
-                    loss = loss_module(batch) / cfg.grad_accum
+                    teacher = (distill.teacher_signal(kd_teacher, batch, len(tokenizer)) if kd_teacher is not None
+                               else kd_cache.teacher(rows, device) if kd_cache is not None else None)
+                    loss = loss_module(batch, teacher) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach().double().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(),
@@ -513,6 +529,11 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
         _save_final(output, model, tokenizer, manifest, model_state)
     world.barrier()
     return manifest if world.is_main else {"rank": world.rank}
+
+
+def _kd_summary(cfg: PretrainConfig) -> str:
+    source = f"teacher {cfg.kd_teacher}" if cfg.kd_teacher else f"top-k cache {cfg.kd_cache}"
+    return f"KD from {source} (weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from refine.cli import app
-from refine.config import PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
+from refine.config import DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
 
 runner = CliRunner()
 
@@ -29,13 +29,14 @@ def assert_user_error(result, *fragments):
 
 
 @pytest.mark.parametrize("command, config_class", [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig),
-                                                    ("report", ReportConfig), ("push", PushConfig)])
+                                                    ("report", ReportConfig), ("push", PushConfig),
+                                                    ("distill-cache", DistillCacheConfig), ("plan", PlanConfig)])
 def test_help_explains_every_option(command, config_class):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
     positional = {"score": ["data"], "sample": ["scores"], "pretrain": ["data"], "report": ["scores"],
-                  "push": ["refined", "target"]}[command]
+                  "push": ["refined", "target"], "distill-cache": ["data"], "plan": []}[command]
     for field in dataclasses.fields(config_class):
         if field.name not in positional:
             assert f"--{field.name.replace('_', '-')}" in text, field.name
@@ -46,7 +47,7 @@ def test_help_explains_every_option(command, config_class):
 def test_top_level_help_lists_the_stages():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("score", "sample", "pretrain", "report", "push"):
+    for command in ("score", "sample", "pretrain", "report", "push", "distill-cache", "plan"):
         assert command in result.output
 
 

@@ -141,11 +141,12 @@ def test_data_order_is_a_pure_function_of_the_global_position():
 # ---------------------------------------------------------------- processes
 
 
-def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(setup, tmp_path):
+@pytest.mark.parametrize("sharding", [{}, {"fsdp": True}], ids=["ddp", "fsdp"])
+def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(setup, tmp_path, sharding):
     single = tmp_path / "single"
     pretrain(PretrainConfig(**args(setup, single, micro_batch_size=4, grad_accum=2)))
     double = tmp_path / "double"
-    run = torchrun(2, args(setup, double, micro_batch_size=2, grad_accum=2))
+    run = torchrun(2, args(setup, double, micro_batch_size=2, grad_accum=2, **sharding))
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err[-3000:]
     assert "trained llama" in out
@@ -156,31 +157,51 @@ def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(set
         [r["eval_loss"] for r in one if "eval_loss" in r], abs=1e-5)
     assert all(r["tokens"] == r["step"] * 8 * 32 for r in two)  # global tokens: 2 x 2 x 2 sequences
     a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
     assert AutoModelForCausalLM.from_pretrained(double).config.model_type == "llama"
 
 
-def test_sigkill_then_resume_on_another_process_count_ends_where_an_uninterrupted_run_does(setup, tmp_path):
-    steps = dict(max_steps=300, save_every=25, eval_every=150, log_every=25)
-    straight = tmp_path / "straight"
-    pretrain(PretrainConfig(**args(setup, straight, micro_batch_size=4, **steps)))
-    killed = tmp_path / "killed"
-    run = torchrun(2, args(setup, killed, micro_batch_size=2, **steps))
+def kill_mid_run(run: subprocess.Popen, output: Path) -> None:
+    """SIGKILL torchrun and its workers once the first checkpoint is on disk, as a crash or the OOM killer would."""
     deadline = time.time() + 240
-    while not (killed / "checkpoint" / "trainer_state.pt").exists() and run.poll() is None and time.time() < deadline:
+    while not (output / "checkpoint" / "trainer_state.pt").exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    for pid in [*descendants(run.pid), run.pid]:  # both workers and torchrun, as a crash or the OOM killer would
+    for pid in [*descendants(run.pid), run.pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     run.communicate()
-    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    assert not (output / "manifest.json").exists(), "the run finished before it could be killed"
+
+
+STEPS = dict(max_steps=300, save_every=25, eval_every=150, log_every=25)
+
+
+def test_sigkill_then_resume_on_another_process_count_ends_where_an_uninterrupted_run_does(setup, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(PretrainConfig(**args(setup, straight, micro_batch_size=4, **STEPS)))
+    killed = tmp_path / "killed"
+    kill_mid_run(torchrun(2, args(setup, killed, micro_batch_size=2, **STEPS)), killed)
     # one process, micro-batch 4: the same global batch of 4 sequences
-    pretrain(PretrainConfig(**args(setup, killed, micro_batch_size=4, resume=True, **steps)))
+    pretrain(PretrainConfig(**args(setup, killed, micro_batch_size=4, resume=True, **STEPS)))
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0)
     assert [r["step"] for r in metrics(killed)] == [r["step"] for r in metrics(straight)]
+
+
+def test_fsdp_run_killed_and_resumed_matches_an_uninterrupted_one(setup, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(PretrainConfig(**args(setup, straight, micro_batch_size=4, **STEPS)))
+    killed = tmp_path / "killed"
+    kill_mid_run(torchrun(2, args(setup, killed, micro_batch_size=2, fsdp=True, **STEPS)), killed)
+    resumed = torchrun(2, args(setup, killed, micro_batch_size=2, fsdp=True, resume=True, **STEPS))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0)
 
 
 def test_resume_with_another_global_batch_is_refused(setup, tmp_path):

@@ -1,0 +1,256 @@
+"""Token-level knowledge distillation: the teacher online, or an offline cache of its top-k next tokens.
+
+`refine distill-cache` runs the teacher once over the packed training sequences (the very token file
+`refine pretrain` reads) and stores, for every position that predicts a token, the teacher's K most
+probable token ids and their log-probs (normalised over the whole vocabulary). Shards of
+`--shard-sequences` sequences are written atomically and dealt round-robin to torchrun ranks; a rerun
+skips finished shards; meta.json comes last. Bytes per cached token: K x (2 or 4 for the ids: uint16
+when the vocabulary fits) + K x (2 for float16 or 4 for float32 log-probs), e.g. 256 for K = 64 in
+float16 with a vocabulary under 65,536.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from refine import models
+from refine.config import DistillCacheConfig
+from refine.distributed import World, close_world, init_world, rank_device
+from refine.errors import RefineError
+from refine.lm_loss import CHUNK_BYTES, Teacher, has_plain_head
+from refine.output import claim_output_dir, run_info, write_json
+
+META = "meta.json"
+RUN = "run.json"
+LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# ---------------------------------------------------------------- the teacher online
+
+
+def load_teacher(ref: str, revision, student_tokenizer, dtype, device, trust_remote_code: bool = False):
+    """The KD teacher in eval mode without gradients; refuses one whose tokenizer differs from the student's."""
+    tokenizer = models.load_tokenizer(ref, revision, trust_remote_code)
+    if models.tokenizer_fingerprint(tokenizer) != models.tokenizer_fingerprint(student_tokenizer):
+        raise RefineError(
+            f"KD teacher {ref!r} tokenizes differently from the student's tokenizer; token-level distillation "
+            "needs one vocabulary: train the student with the teacher's tokenizer (--tokenizer TEACHER)"
+        )
+    teacher = models.load_causal_lm(ref, revision, dtype, device, trust_remote_code)
+    teacher.requires_grad_(False)
+    head = teacher.get_output_embeddings()
+    if head is not None and head.weight.shape[0] < len(student_tokenizer):
+        raise RefineError(f"KD teacher {ref!r} predicts {head.weight.shape[0]} tokens, fewer than the tokenizer's "
+                          f"{len(student_tokenizer)}; use a teacher built for this tokenizer")
+    return teacher
+
+
+@torch.no_grad()
+def teacher_signal(teacher, input_ids: torch.Tensor, vocab_size: int) -> Teacher:
+    """The teacher's distribution for the positions predicting input_ids[:, 1:], flattened.
+
+    With a plain LM head only the final hidden states are kept; the head runs chunk by chunk inside the
+    loss. The head is cut to the student's vocabulary (padding rows of a larger head are never targets).
+    """
+    if has_plain_head(teacher):
+        hidden = teacher.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
+        return Teacher(hidden=hidden.reshape(-1, hidden.shape[-1]),
+                       head_weight=teacher.get_output_embeddings().weight[:vocab_size])
+    logits = teacher(input_ids=input_ids).logits[:, :-1, :vocab_size]
+    return Teacher(logits=logits.reshape(-1, logits.shape[-1]))
+
+
+@torch.no_grad()
+def top_k_logprobs(teacher, input_ids: torch.Tensor, vocab_size: int, k: int,
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probs), each (B, T-1, k): the teacher's k most probable next tokens per position."""
+    signal = teacher_signal(teacher, input_ids, vocab_size)
+    n = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    rows = max(1, chunk_bytes // (4 * vocab_size))
+    ids, values = [], []
+    for start in range(0, n, rows):
+        part = slice(start, start + rows)
+        if signal.logits is not None:
+            logits = signal.logits[part].float()
+        else:
+            logits = (signal.hidden[part] @ signal.head_weight.T).float()
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        ids.append(top.indices)
+        values.append(top.values)
+    shape = (input_ids.shape[0], input_ids.shape[1] - 1, k)
+    return torch.cat(ids).reshape(shape), torch.cat(values).reshape(shape)
+
+
+# ---------------------------------------------------------------- the offline cache
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+class KDCache:
+    """Reads the top-k cache for given packed-sequence indices (memory-mapped shards)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.meta = json.loads((directory / META).read_text())
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _shard(self, index: int):
+        if index not in self._open:
+            path = self.directory / shard_name(index)
+            self._open[index] = (np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r"))
+        return self._open[index]
+
+    def teacher(self, rows: np.ndarray, device: torch.device) -> Teacher:
+        per_shard = self.meta["shard_sequences"]
+        ids, logprobs = [], []
+        for row in rows:
+            shard_ids, shard_logprobs = self._shard(int(row) // per_shard)
+            ids.append(shard_ids[int(row) % per_shard])
+            logprobs.append(shard_logprobs[int(row) % per_shard])
+        k = self.meta["top_k"]
+        ids_t = torch.from_numpy(np.stack(ids).astype(np.int64).reshape(-1, k)).to(device)
+        logprobs_t = torch.from_numpy(np.stack(logprobs).astype(np.float32).reshape(-1, k)).to(device)
+        return Teacher(top_ids=ids_t, top_logprobs=logprobs_t)
+
+    def check_matches(self, token_file, seq_len: int, tokenizer_fingerprint: str, source: str) -> None:
+        """Refuse a cache made over other packed sequences than the ones this run trains on."""
+        expected = {"token_file": token_file.directory.name, "n_tokens": token_file.meta["n_tokens"],
+                    "seq_len": seq_len, "tokenizer_fingerprint": tokenizer_fingerprint}
+        differs = [k for k, v in expected.items() if self.meta.get(k) != v]
+        if differs:
+            raise RefineError(
+                f"KD cache {source!r} was made over other packed sequences ({', '.join(differs)} differ); build it "
+                "with the same data, tokenizer, --seq-len and held-out split as this run"
+            )
+
+
+def open_cache(path: str) -> KDCache:
+    directory = Path(path)
+    if not (directory / META).exists():
+        hint = " (unfinished: rerun `refine distill-cache` to complete it)" if (directory / RUN).exists() else ""
+        raise RefineError(f"KD cache {path!r} not found{hint}; build it with `refine distill-cache`")
+    return KDCache(directory)
+
+
+def validate(cfg: DistillCacheConfig) -> None:
+    problems = []
+    if cfg.top_k < 1:
+        problems.append("--top-k must be at least 1")
+    if cfg.logprob_dtype not in LOGPROB_DTYPES:
+        problems.append(f"--logprob-dtype {cfg.logprob_dtype!r} is not one of {', '.join(LOGPROB_DTYPES)}")
+    for name in ("seq_len", "batch_size", "shard_sequences", "nproc"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if problems:
+        raise RefineError(*problems)
+
+
+def build_cache(cfg: DistillCacheConfig) -> dict:
+    """Write the teacher's top-k cache for every packed training sequence. Returns meta.json's content."""
+    validate(cfg)
+    world = init_world(cfg.device)
+    try:
+        return _build_cache(cfg, world)
+    finally:
+        close_world(world)
+
+
+def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
+    from refine.pretrain import load_splits, token_file
+
+    started = time.time()
+    output = Path(cfg.output)
+    if world.is_main:
+        claim_output_dir(output, cfg.overwrite, finished_marker=META)
+    world.barrier()
+    tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
+    train_ds, _, selection = load_splits(cfg)
+    cfg_for_tokens = _TokenArgs(cfg)
+    tokens = token_file(cfg_for_tokens, train_ds, selection, tokenizer, world)
+    n_sequences = tokens.n_sequences(cfg.seq_len)
+    if n_sequences == 0:
+        raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence")
+    vocab = len(tokenizer)
+    if cfg.top_k > vocab:
+        raise RefineError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab}); lower it")
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "device", "batch_size", "nproc")}
+    if world.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        run_file = output / RUN
+        if run_file.exists() and json.loads(run_file.read_text()) != settings:
+            raise RefineError(f"{str(output)!r} holds an unfinished cache made with other settings; pass --overwrite "
+                              "or use the original settings")
+        write_json(run_file, settings)
+    world.barrier()
+
+    device = models.resolve_device(rank_device(cfg.device, world))
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_revision, tokenizer, dtype, device, cfg.trust_remote_code)
+    n_shards = -(-n_sequences // cfg.shard_sequences)
+    mine = [s for s in range(n_shards) if world.owns(s) and not (output / shard_name(s)).exists()]
+    ids_type, value_type = id_dtype(vocab), LOGPROB_DTYPES[cfg.logprob_dtype]
+    progress = tqdm(total=sum(min(cfg.shard_sequences, n_sequences - s * cfg.shard_sequences) for s in mine),
+                    desc=f"distill-cache{f' rank {world.rank}' if world.world_size > 1 else ''}", unit="seq",
+                    dynamic_ncols=True)
+    for shard in mine:
+        first = shard * cfg.shard_sequences
+        rows = np.arange(first, min(first + cfg.shard_sequences, n_sequences))
+        shard_ids = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=ids_type)
+        shard_values = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=value_type)
+        for start in range(0, len(rows), cfg.batch_size):
+            batch_rows = rows[start : start + cfg.batch_size]
+            batch = torch.from_numpy(tokens.batch(batch_rows, cfg.seq_len)).to(device)
+            ids, values = top_k_logprobs(teacher, batch, vocab, cfg.top_k)
+            shard_ids[start : start + len(batch_rows)] = ids.cpu().numpy().astype(ids_type)
+            shard_values[start : start + len(batch_rows)] = values.float().cpu().numpy().astype(value_type)
+            progress.update(len(batch_rows))
+        staging = output / f"{shard_name(shard)}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        np.save(staging / "ids.npy", shard_ids)
+        np.save(staging / "logprobs.npy", shard_values)
+        staging.rename(output / shard_name(shard))
+    progress.close()
+    world.barrier()
+
+    bytes_per_token = cfg.top_k * (ids_type.itemsize + np.dtype(value_type).itemsize)
+    meta = {
+        "stage": "distill-cache", **run_info(), "settings": settings,
+        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
+        "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
+        "token_file": tokens.directory.name, "n_tokens": tokens.meta["n_tokens"], "seq_len": cfg.seq_len,
+        "n_sequences": n_sequences, "shard_sequences": cfg.shard_sequences, "n_shards": n_shards,
+        "top_k": cfg.top_k, "ids_dtype": ids_type.name, "logprob_dtype": cfg.logprob_dtype,
+        "bytes_per_token": bytes_per_token, "elapsed_s": round(time.time() - started, 1),
+    }
+    if world.is_main:
+        missing = [s for s in range(n_shards) if not (output / shard_name(s)).exists()]
+        if missing:
+            raise RefineError(f"{len(missing)} cache shards are missing after the run; rerun the same command")
+        write_json(output / META, meta)
+    return meta if world.is_main else {"rank": world.rank}
+
+
+class _TokenArgs:
+    """The fields `refine.pretrain.token_file` reads, taken from a DistillCacheConfig."""
+
+    def __init__(self, cfg: DistillCacheConfig):
+        self.token_cache, self.data, self.split, self.name = cfg.token_cache, cfg.data, cfg.split, cfg.name
+        self.text_column, self.tokenizer = cfg.text_column, cfg.teacher
