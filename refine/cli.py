@@ -59,6 +59,7 @@ def score_command(
     teacher_revision: Optional[str] = _opt(ScoreConfig, "teacher_revision", "--teacher-revision"),
     reference_revision: Optional[str] = _opt(ScoreConfig, "reference_revision", "--reference-revision"),
     unit: Optional[str] = _opt(ScoreConfig, "unit", "--unit"),
+    normalize: Optional[str] = _opt(ScoreConfig, "normalize", "--normalize"),
     max_length: Optional[int] = _opt(ScoreConfig, "max_length", "--max-length"),
     max_tokens_per_batch: Optional[int] = _opt(ScoreConfig, "max_tokens_per_batch", "--max-tokens-per-batch"),
     shard_size: Optional[int] = _opt(ScoreConfig, "shard_size", "--shard-size"),

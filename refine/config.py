@@ -54,6 +54,13 @@ class ScoreConfig(CorpusArgs):
         "when longer (every token scored). `chunk`: documents joined with EOS and cut into --max-length "
         "token chunks, as in MiniPLM.",
     )
+    normalize: Optional[str] = option(
+        None,
+        "What the score is per. `tokens`: (log p_teacher - log p_ref) / tokens, MiniPLM's score; needs one "
+        "tokenizer for both models. `bytes`: each model reads the document through its own tokenizer and the "
+        "difference is divided by the document's UTF-8 bytes, so any teacher pairs with any reference. "
+        "Default: tokens when the tokenizers match, else bytes.",
+    )
     max_length: int = option(1024, "Longest sequence (tokens) a model reads in one forward pass.")
     max_tokens_per_batch: Optional[int] = option(
         None,

@@ -33,8 +33,9 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict]:
     """Scores with per-token NLLs, the kept flag at alpha, and the text (and group) of each instance."""
     scores, manifest = read_scores(Path(cfg.scores))
     frame = scores.select(["id", "n_tokens", "teacher_logprob", "ref_logprob", "score"]).to_pandas()
+    ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else frame["n_tokens"]
     frame["teacher_nll"] = -frame["teacher_logprob"] / frame["n_tokens"]
-    frame["ref_nll"] = -frame["ref_logprob"] / frame["n_tokens"]
+    frame["ref_nll"] = -frame["ref_logprob"] / ref_tokens
     kept = select_top_fraction(selection_keys(scores, "difference", 0), frame["id"].to_numpy(), cfg.alpha)
     frame["kept"] = False
     frame.loc[kept, "kept"] = True

@@ -55,8 +55,9 @@ def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
         return scores.column("score").to_numpy()
     if method == "teacher":  # lowest teacher NLL per token = highest mean log-prob
         return scores.column("teacher_logprob").to_numpy() / n_tokens
-    if method == "reference":
-        return scores.column("ref_logprob").to_numpy() / n_tokens
+    if method == "reference":  # per reference token: its own count when it read its own tokenization
+        ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else n_tokens
+        return scores.column("ref_logprob").to_numpy() / ref_tokens
     return np.random.default_rng(seed).random(len(n_tokens))
 
 

@@ -44,6 +44,7 @@ from refine.output import (
 )
 
 UNITS = ("document", "chunk")
+NORMALIZATIONS = ("tokens", "bytes")
 RUN_FILE = "run.json"
 
 
@@ -59,6 +60,10 @@ def validate(cfg: ScoreConfig) -> None:
         )
     if cfg.nproc < 1:
         problems.append(f"--nproc {cfg.nproc} must be at least 1")
+    if cfg.normalize is not None and cfg.normalize not in NORMALIZATIONS:
+        problems.append(f"--normalize {cfg.normalize!r} is not known; choose tokens or bytes")
+    if cfg.normalize == "bytes" and cfg.unit == "chunk":
+        problems.append("--normalize bytes scores whole documents; use --unit document")
     if cfg.shard_size < 1:
         problems.append(f"--shard-size {cfg.shard_size} must be at least 1")
     if problems:
@@ -130,14 +135,17 @@ def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, de
     return totals
 
 
-def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: dict | None = None) -> pa.Table:
+def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: dict | None = None,
+                per=None) -> pa.Table:
+    """The scores table; the score is per token (the teacher's `n_tokens`) unless `per` gives other counts (bytes)."""
     n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    divisor = np.maximum(np.asarray(per if per is not None else n_tokens, dtype=np.int64), 1)
     columns = {
         "id": pa.array(ids, type=id_type),
         "n_tokens": pa.array(n_tokens),
         "teacher_logprob": pa.array(teacher_lp, type=pa.float64()),
         "ref_logprob": pa.array(ref_lp, type=pa.float64()),
-        "score": pa.array((np.asarray(teacher_lp) - np.asarray(ref_lp)) / np.maximum(n_tokens, 1), type=pa.float64()),
+        "score": pa.array((np.asarray(teacher_lp) - np.asarray(ref_lp)) / divisor, type=pa.float64()),
     }
     columns.update(extra or {})
     # The token total rides in the file's metadata so the manifest needs no read of the columns.
@@ -171,14 +179,17 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
 
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     ref_tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
-    if models.tokenizer_fingerprint(tokenizer) != models.tokenizer_fingerprint(ref_tokenizer):
+    same_tokenizer = models.tokenizer_fingerprint(tokenizer) == models.tokenizer_fingerprint(ref_tokenizer)
+    normalize = cfg.normalize or ("tokens" if same_tokenizer else "bytes")
+    if not same_tokenizer and normalize == "tokens":
         raise RefineError(
-            f"teacher {cfg.teacher!r} and reference {cfg.reference!r} tokenize differently; "
-            "train the reference with the teacher's tokenizer (refine pretrain --tokenizer TEACHER)"
+            f"teacher {cfg.teacher!r} and reference {cfg.reference!r} tokenize differently, so a per-token score is "
+            "undefined; use --normalize bytes, or train the reference with the teacher's tokenizer"
         )
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start_id is None:
-        raise RefineError(f"tokenizer of {cfg.teacher!r} has neither a BOS nor an EOS token; refine needs one of them")
+    if not same_tokenizer and cfg.unit == "chunk":
+        raise RefineError("chunks are cut from the teacher's tokens, which the reference cannot read; use --unit document")
+    start_id = _start_id(tokenizer, cfg.teacher)
+    ref_start_id = start_id if same_tokenizer else _start_id(ref_tokenizer, cfg.reference)
 
     device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
@@ -205,7 +216,11 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
                       "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
+        "normalize": normalize,
     }
+    if not same_tokenizer:
+        run["reference_tokenizer"] = {"fingerprint": models.tokenizer_fingerprint(ref_tokenizer),
+                                      "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
     action = _check_output(output, run, cfg.overwrite)  # every rank decides alike, so every rank raises alike
     world.barrier()
     if world.is_main:
@@ -222,18 +237,24 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     def tokenize_shard(first: int, last: int):
         texts = ds[first:last][cfg.text_column]
         rows = [i for i, text in enumerate(texts) if not corpus.is_blank(text)]
-        return rows, tokenizer([texts[i] for i in rows], add_special_tokens=False, verbose=False)["input_ids"]
+        kept = [texts[i] for i in rows]
+        token_ids = tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]
+        if same_tokenizer:
+            return rows, (token_ids, token_ids, [len(t.encode("utf-8", "surrogatepass")) for t in kept])
+        ref_ids = ref_tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]
+        return rows, (token_ids, ref_ids, [len(t.encode("utf-8", "surrogatepass")) for t in kept])
 
     # Tokenize the next shard in a thread while the models read the current one (fast tokenizers drop the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(tokenize_shard, *todo[0][1:]) if todo else None
         for position, (k, first, last) in enumerate(todo):
-            rows, token_ids = pending.result()
+            rows, (token_ids, ref_ids, n_bytes) = pending.result()
             if position + 1 < len(todo):
                 pending = pool.submit(tokenize_shard, *todo[position + 1][1:])
             if cfg.unit == "document":
                 table = _score_documents([ids[first + i] for i in rows], token_ids, start_id, teacher, reference,
-                                         cfg, budget, progress, id_type)
+                                         cfg, budget, progress, id_type, n_bytes, normalize,
+                                         None if same_tokenizer else (ref_ids, ref_start_id))
             else:
                 table = _score_chunks(k, token_ids, tokenizer, teacher, reference, cfg, budget, progress)
             write_parquet(shard_path(first, last), table)
@@ -272,20 +293,45 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     return manifest
 
 
-def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budget, progress, id_type) -> pa.Table:
+def _windows(token_ids, start_id, max_length):
     windows, owner = [], []
     for doc, tokens in enumerate(token_ids):
-        for window in document_windows(tokens, start_id, cfg.max_length):
+        for window in document_windows(tokens, start_id, max_length):
             windows.append(window)
             owner.append(doc)
-    progress.total += sum(len(w) - 1 for w in windows)
-    progress.refresh()
-    window_teacher, window_ref = score_sequences([teacher, reference], windows, budget, teacher.device, progress)
-    teacher_lp = np.zeros(len(token_ids))
-    ref_lp = np.zeros(len(token_ids))
-    np.add.at(teacher_lp, owner, window_teacher)
-    np.add.at(ref_lp, owner, window_ref)
-    return score_table(doc_ids, [len(t) for t in token_ids], teacher_lp, ref_lp, id_type)
+    return windows, owner
+
+
+def _sum_by_document(values, owner, n_docs) -> np.ndarray:
+    total = np.zeros(n_docs)
+    np.add.at(total, owner, values)
+    return total
+
+
+def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budget, progress, id_type, n_bytes,
+                     normalize, own_reference_tokens=None) -> pa.Table:
+    """Per document log-prob sums; with `own_reference_tokens` (ids, start id) the reference reads its own tokens."""
+    windows, owner = _windows(token_ids, start_id, cfg.max_length)
+    if own_reference_tokens is None:
+        progress.total += sum(len(w) - 1 for w in windows)
+        progress.refresh()
+        window_teacher, window_ref = score_sequences([teacher, reference], windows, budget, teacher.device, progress)
+        ref_owner, ref_counts = owner, [len(t) for t in token_ids]
+    else:
+        ref_ids, ref_start = own_reference_tokens
+        ref_windows, ref_owner = _windows(ref_ids, ref_start, cfg.max_length)
+        progress.total += sum(len(w) - 1 for w in windows) + sum(len(w) - 1 for w in ref_windows)
+        progress.refresh()
+        (window_teacher,) = score_sequences([teacher], windows, budget, teacher.device, progress)
+        (window_ref,) = score_sequences([reference], ref_windows, budget, reference.device, progress)
+        ref_counts = [len(t) for t in ref_ids]
+    teacher_lp = _sum_by_document(window_teacher, owner, len(token_ids))
+    ref_lp = _sum_by_document(window_ref, ref_owner, len(token_ids))
+    extra = {"n_bytes": pa.array(n_bytes, type=pa.int64())}
+    if own_reference_tokens is not None:
+        extra["ref_n_tokens"] = pa.array(ref_counts, type=pa.int64())
+    return score_table(doc_ids, [len(t) for t in token_ids], teacher_lp, ref_lp, id_type, extra,
+                       per=n_bytes if normalize == "bytes" else None)
 
 
 def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, budget, progress) -> pa.Table:
@@ -299,6 +345,13 @@ def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, bu
     }
     chunk_ids = [f"s{shard_index:06d}c{k:06d}" for k in range(len(chunks))]
     return score_table(chunk_ids, [len(c) - 1 for c in chunks], teacher_lp, ref_lp, pa.string(), extra)
+
+
+def _start_id(tokenizer, ref: str) -> int:
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise RefineError(f"tokenizer of {ref!r} has neither a BOS nor an EOS token; refine needs one of them")
+    return start_id
 
 
 def _check_output(output: Path, run: dict, overwrite: bool) -> str:

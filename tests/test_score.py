@@ -98,7 +98,7 @@ def test_finished_output_needs_overwrite(tmp_path, teacher_dir, reference_dir, c
     assert json.loads((out / "manifest.json").read_text())["settings"]["max_length"] == 8
 
 
-def test_tokenizer_mismatch_is_refused(tmp_path, teacher_dir, corpus_file):
+def test_per_token_score_with_mismatched_tokenizers_is_refused(tmp_path, teacher_dir, corpus_file):
     from transformers import GPT2Config, GPT2LMHeadModel
     from conftest import small_tokenizer
 
@@ -107,7 +107,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, teacher_dir, corpus_file):
     model.save_pretrained(tmp_path / "other")
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(RefineError, match="tokenize differently"):
-        run_score(corpus_file, teacher_dir, tmp_path / "other", tmp_path / "scores")
+        run_score(corpus_file, teacher_dir, tmp_path / "other", tmp_path / "scores", normalize="tokens")
     assert not (tmp_path / "scores").exists()
 
 
