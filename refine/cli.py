@@ -60,6 +60,11 @@ def score_command(
     reference_revision: Optional[str] = _opt(ScoreConfig, "reference_revision", "--reference-revision"),
     unit: Optional[str] = _opt(ScoreConfig, "unit", "--unit"),
     normalize: Optional[str] = _opt(ScoreConfig, "normalize", "--normalize"),
+    proxy_fraction: Optional[float] = _opt(ScoreConfig, "proxy_fraction", "--proxy-fraction"),
+    proxy_alpha: Optional[float] = _opt(ScoreConfig, "proxy_alpha", "--proxy-alpha"),
+    proxy_epochs: Optional[int] = _opt(ScoreConfig, "proxy_epochs", "--proxy-epochs"),
+    proxy_lr: Optional[float] = _opt(ScoreConfig, "proxy_lr", "--proxy-lr"),
+    proxy_seed: Optional[int] = _opt(ScoreConfig, "proxy_seed", "--proxy-seed"),
     max_length: Optional[int] = _opt(ScoreConfig, "max_length", "--max-length"),
     max_tokens_per_batch: Optional[int] = _opt(ScoreConfig, "max_tokens_per_batch", "--max-tokens-per-batch"),
     shard_size: Optional[int] = _opt(ScoreConfig, "shard_size", "--shard-size"),
@@ -89,6 +94,13 @@ def score_command(
         f"scored {manifest['n_instances']} instances ({manifest['n_tokens']} tokens) in {manifest['elapsed_s']} s; "
         f"skipped {manifest['data']['n_blank_skipped']} empty or whitespace-only documents"
     )
+    if "proxy" in manifest:
+        p = manifest["proxy"]
+        typer.echo(
+            f"proxy: {p['n_exact']} documents scored exactly, {p['n_predicted']} predicted; on {p['held_out']} held-out "
+            f"exact documents Spearman {p['spearman']:.3f}, top-{p['alpha']} overlap {p['top_alpha_overlap']:.2f} "
+            f"(random: {p['random_overlap_expected']:.2f}); FLOPs saved {p['flops_saved_fraction']:.0%}"
+        )
 
 
 @app.command("sample")

@@ -62,6 +62,16 @@ class ScoreConfig(CorpusArgs):
         "Default: tokens when the tokenizers match, else bytes.",
     )
     max_length: int = option(1024, "Longest sequence (tokens) a model reads in one forward pass.")
+    proxy_fraction: Optional[float] = option(
+        None,
+        "Score only this random fraction (e.g. 0.05) with teacher and reference; train a proxy (the reference with a "
+        "regression head) on it and predict the rest (MiniPLM_prx). Rows carry `exact`; the manifest reports the "
+        "proxy's held-out Spearman correlation, top-alpha overlap and FLOPs saved.",
+    )
+    proxy_alpha: float = option(0.5, "With --proxy-fraction: the alpha at which the top-alpha overlap is reported.")
+    proxy_epochs: int = option(3, "With --proxy-fraction: passes over the exactly scored documents to train the proxy.")
+    proxy_lr: float = option(1e-4, "With --proxy-fraction: learning rate of the proxy's fine-tuning.")
+    proxy_seed: int = option(0, "With --proxy-fraction: seed of the exact subset, the held-out split and the head.")
     max_tokens_per_batch: Optional[int] = option(
         None,
         "Token budget of one batch (sequences x padded length); batches are filled with similar lengths. "

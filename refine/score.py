@@ -60,6 +60,10 @@ def validate(cfg: ScoreConfig) -> None:
         )
     if cfg.nproc < 1:
         problems.append(f"--nproc {cfg.nproc} must be at least 1")
+    if cfg.proxy_fraction is not None and not 0 < cfg.proxy_fraction < 1:
+        problems.append(f"--proxy-fraction {cfg.proxy_fraction} must be in (0, 1)")
+    if cfg.proxy_epochs < 1 or cfg.proxy_lr <= 0 or not 0 < cfg.proxy_alpha <= 1:
+        problems.append("--proxy-epochs must be at least 1, --proxy-lr positive and --proxy-alpha in (0, 1]")
     if cfg.normalize is not None and cfg.normalize not in NORMALIZATIONS:
         problems.append(f"--normalize {cfg.normalize!r} is not known; choose tokens or bytes")
     if cfg.normalize == "bytes" and cfg.unit == "chunk":
@@ -158,6 +162,10 @@ def score(cfg: ScoreConfig) -> dict:
     Under torchrun each rank scores its own shards (round-robin) and rank 0 writes the manifest.
     """
     validate(cfg)
+    if cfg.proxy_fraction is not None:
+        from refine.proxy import proxy_score
+
+        return proxy_score(cfg)
     world = init_world(cfg.device)
     try:
         return _score(cfg, world)
