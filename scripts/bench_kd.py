@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,25 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment import train_student_tokenizer  # noqa: E402  (the same small BPE as the experiment's students)
+
 TEACHER = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True}
 STUDENT = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True}
 SEQ_LEN = 128
-
-
-def train_tokenizer(texts: list[str], output: Path, vocab_size: int) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(output)
-    return output
 
 
 @torch.no_grad()
@@ -80,7 +70,7 @@ def main() -> None:
         held_out, train = docs[:60], docs[60:]
         (work / "train.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in train))
         (work / "eval.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in held_out))
-        tokenizer_dir = train_tokenizer([d["text"] for d in train], work / "tokenizer", 2048)
+        tokenizer_dir = train_student_tokenizer(work / "train.jsonl", work / "tokenizer", 2048)
         for name, config in (("teacher", TEACHER), ("student", STUDENT)):
             (work / f"{name}.json").write_text(json.dumps(config))
         common = dict(data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"), tokenizer=str(tokenizer_dir),
