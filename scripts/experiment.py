@@ -266,7 +266,7 @@ def write_results(work: Path, runs: list[dict], kept: dict, plan: Plan, elapsed:
     axes[0].legend()
     lows = [min(summary[f"{f}/{a}"]["mean"] - summary[f"{f}/{a}"]["std"] for f in families for a in MAIN_ARMS if f"{f}/{a}" in summary)]
     axes[0].set_ylim(min(lows) - 0.05, None)
-    family = families[0]
+    family = next(f for f in families if f"{f}/difference_a0.3" in summary)  # the family the sweep was run for
     sweep = [(0.3, "difference_a0.3"), (0.5, "difference"), (0.7, "difference_a0.7"), (1.0, "full")]
     points = [(a, summary[f"{family}/{arm}"]) for a, arm in sweep if f"{family}/{arm}" in summary]
     axes[1].errorbar([a for a, _ in points], [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
