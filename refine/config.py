@@ -69,8 +69,8 @@ class ScoreConfig(CorpusArgs):
         "proxy's held-out Spearman correlation, top-alpha overlap and FLOPs saved.",
     )
     proxy_alpha: float = option(0.5, "With --proxy-fraction: the alpha at which the top-alpha overlap is reported.")
-    proxy_epochs: int = option(3, "With --proxy-fraction: passes over the exactly scored documents to train the proxy.")
-    proxy_lr: float = option(1e-4, "With --proxy-fraction: learning rate of the proxy's fine-tuning.")
+    proxy_epochs: int = option(10, "With --proxy-fraction: passes over the exactly scored documents to train the proxy.")
+    proxy_lr: float = option(1e-3, "With --proxy-fraction: learning rate of the proxy's fine-tuning.")
     proxy_seed: int = option(0, "With --proxy-fraction: seed of the exact subset, the held-out split and the head.")
     max_tokens_per_batch: Optional[int] = option(
         None,

@@ -70,10 +70,11 @@ def teacher_signal(teacher, input_ids: torch.Tensor, vocab_size: int) -> Teacher
 
 @torch.no_grad()
 def top_k_logprobs(teacher, input_ids: torch.Tensor, vocab_size: int, k: int,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, log-probs), each (B, T-1, k): the teacher's k most probable next tokens per position."""
     signal = teacher_signal(teacher, input_ids, vocab_size)
     n = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(input_ids.device.type, CHUNK_BYTES["cuda"])
     rows = max(1, chunk_bytes // (4 * vocab_size))
     ids, values = [], []
     for start in range(0, n, rows):

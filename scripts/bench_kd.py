@@ -108,6 +108,7 @@ def main() -> None:
             speed = float(np.median([r["tokens_per_s"] for r in records[1:-1]]))
             kl, ce = held_out_kl_and_ce(work / "teacher", out, eval_sequences)
             rows.append((arm, kl, ce, speed))
+            student_params = manifest["n_params"]
             assert manifest["tokens"] == student_steps * 8 * SEQ_LEN
 
     print(f"\nteacher: {TEACHER['num_hidden_layers']} layers, d={TEACHER['hidden_size']}, held-out loss "
@@ -121,7 +122,8 @@ def main() -> None:
     plain_speed = rows[0][3]
     online_speed = rows[1][3]
     print(f"\nonline KD costs {plain_speed / online_speed:.2f}x the time per token of plain pretraining here "
-          f"(teacher {teacher['n_params'] / 1e6:.2f}M vs student params; the teacher forward is the extra work)")
+          f"(teacher {teacher['n_params'] / 1e6:.2f}M params, student {student_params / 1e6:.2f}M: the teacher's "
+          "forward pass is the extra work)")
     print("| K | bytes per cached token (ids + log-probs) | measured on disk |")
     print("|---|---|---|")
     for k, (nominal, measured) in cache_bytes.items():

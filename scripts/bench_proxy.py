@@ -23,8 +23,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="experiment_output", help="an experiment.py output folder")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output", default=None, help="default: WORKDIR/proxy_scores_F")
     args = parser.parse_args()
 
