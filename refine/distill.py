@@ -182,8 +182,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
     train_ds, _, selection = load_splits(cfg)
-    cfg_for_tokens = _TokenArgs(cfg)
-    tokens = token_file(cfg_for_tokens, train_ds, selection, tokenizer, world)
+    tokens = token_file(cfg, train_ds, selection, tokenizer, cfg.teacher, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence")
@@ -248,10 +247,3 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
         write_json(output / META, meta)
     return meta if world.is_main else {"rank": world.rank}
 
-
-class _TokenArgs:
-    """The fields `refine.pretrain.token_file` reads, taken from a DistillCacheConfig."""
-
-    def __init__(self, cfg: DistillCacheConfig):
-        self.token_cache, self.data, self.split, self.name = cfg.token_cache, cfg.data, cfg.split, cfg.name
-        self.text_column, self.tokenizer = cfg.text_column, cfg.teacher

@@ -178,13 +178,16 @@ def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: in
     return pack(token_lists, tokenizer.eos_token_id, seq_len, keep_remainder=True)[:limit]
 
 
-def token_file(cfg: PretrainConfig, train_ds, selection: str, tokenizer, world: World) -> packed.TokenFile:
-    """The memory-mapped training tokens: built once per node (local rank 0) and reused by later runs."""
+def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, world: World) -> packed.TokenFile:
+    """The memory-mapped training tokens: built once per node (local rank 0) and reused by later runs.
+
+    `cfg` is a PretrainConfig or DistillCacheConfig (both name the corpus and --token-cache alike).
+    """
     cache_dir = Path(cfg.token_cache).expanduser() if cfg.token_cache else packed.default_cache_dir()
     meta = {
         "source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
         "selection": selection, "dataset_fingerprint": train_ds._fingerprint,  # datasets' hash of files + version
-        "tokenizer": cfg.tokenizer, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_ref, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
     }
     try:
         if world.local_rank == 0:
@@ -405,7 +408,7 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
     held_out = eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences)
     if not held_out:
         raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
-    tokens = token_file(cfg, train_ds, selection, tokenizer, world)
+    tokens = token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")
