@@ -25,7 +25,7 @@ from refine import models
 from refine.config import DistillCacheConfig
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
-from refine.lm_loss import CHUNK_BYTES, Teacher, has_plain_head
+from refine.lm_loss import Teacher, chunk_rows, has_plain_head
 from refine.output import claim_output_dir, run_info, write_json
 
 META = "meta.json"
@@ -74,16 +74,10 @@ def top_k_logprobs(teacher, input_ids: torch.Tensor, vocab_size: int, k: int,
     """(ids, log-probs), each (B, T-1, k): the teacher's k most probable next tokens per position."""
     signal = teacher_signal(teacher, input_ids, vocab_size)
     n = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(input_ids.device.type, CHUNK_BYTES["cuda"])
-    rows = max(1, chunk_bytes // (4 * vocab_size))
+    rows = chunk_rows(input_ids.device, vocab_size, chunk_bytes)
     ids, values = [], []
     for start in range(0, n, rows):
-        part = slice(start, start + rows)
-        if signal.logits is not None:
-            logits = signal.logits[part].float()
-        else:
-            logits = (signal.hidden[part] @ signal.head_weight.T).float()
-        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        top = torch.log_softmax(signal.dense_logits(slice(start, start + rows)), dim=-1).topk(k, dim=-1)
         ids.append(top.indices)
         values.append(top.values)
     shape = (input_ids.shape[0], input_ids.shape[1] - 1, k)

@@ -24,6 +24,12 @@ PLAIN_HEAD_FAMILIES = frozenset({
 CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 
 
+def chunk_rows(device: torch.device, vocab_size: int, chunk_bytes: int | None = None) -> int:
+    """Positions per chunk so that one chunk's fp32 logits take about `chunk_bytes` (default: per device)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
 class Teacher:
     """The teacher's next-token distribution for a slice of positions, at temperature tau.
 
@@ -34,6 +40,12 @@ class Teacher:
     def __init__(self, hidden=None, head_weight=None, logits=None, top_ids=None, top_logprobs=None):
         self.hidden, self.head_weight, self.logits = hidden, head_weight, logits
         self.top_ids, self.top_logprobs = top_ids, top_logprobs
+
+    def dense_logits(self, rows: slice) -> torch.Tensor:
+        """fp32 teacher logits of these positions (dense teachers only), the head applied to this slice alone."""
+        if self.logits is not None:
+            return self.logits[rows].float()
+        return (self.hidden[rows] @ self.head_weight.T).float()
 
     def kl_and_grad(self, student_logits: torch.Tensor, rows: slice, tau: float):
         """(KL(q || p_s^tau) per row, d KL / d student logits) with q the teacher's tempered distribution."""
@@ -46,11 +58,7 @@ class Teacher:
             grad = log_p.exp()
             grad.scatter_add_(1, ids, -q)
         else:
-            if self.logits is not None:
-                teacher_logits = self.logits[rows].float()
-            else:
-                teacher_logits = (self.hidden[rows] @ self.head_weight.T).float()
-            log_q = torch.log_softmax(teacher_logits / tau, dim=-1)
+            log_q = torch.log_softmax(self.dense_logits(rows) / tau, dim=-1)
             q = log_q.exp()
             kl = (q * (log_q - log_p)).sum(-1)
             grad = log_p.exp() - q
@@ -121,11 +129,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
     With a teacher: (1 - kd_weight) * CE + kd_weight * tau^2 * KL(teacher^tau || student^tau) per position.
     """
-    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cuda"])
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    rows = chunk_rows(hidden.device, weight.shape[0], chunk_bytes)
     dtype = compute_dtype or hidden.dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _LinearDistillLoss.apply(hidden, weight, targets, chunk_rows, dtype, teacher, kd_weight, tau)
+        return _LinearDistillLoss.apply(hidden, weight, targets, rows, dtype, teacher, kd_weight, tau)
 
 
 def distill_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, teacher: Teacher | None,

@@ -60,6 +60,11 @@ class TokenFile:
         return np.stack([self.tokens[r * seq_len : (r + 1) * seq_len] for r in rows]).astype(np.int64)
 
 
+def join_with_eos(token_lists, eos_id: int, dtype=np.int64) -> np.ndarray:
+    """The documents' tokens one after another, each followed by EOS."""
+    return np.fromiter((t for doc in token_lists for t in (*doc, eos_id)), dtype=dtype)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
@@ -82,7 +87,7 @@ def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_si
             texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
             if texts:
                 ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-                stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
+                stream = join_with_eos(ids, eos, dtype)
                 f.write(stream.tobytes())
                 n_tokens += len(stream)
                 n_docs += len(texts)

@@ -88,7 +88,7 @@ def total_steps(cfg: PretrainConfig, world_size: int = 1) -> int:
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, keep_remainder: bool = False) -> list[np.ndarray]:
     """Join documents with EOS after each and cut into `seq_len` sequences (the remainder only if asked)."""
-    stream = np.fromiter((t for doc in token_lists for t in (*doc, eos_id)), dtype=np.int64)
+    stream = packed.join_with_eos(token_lists, eos_id)
     n_full = len(stream) // seq_len
     sequences = list(stream[: n_full * seq_len].reshape(n_full, seq_len)) if n_full else []
     if keep_remainder and len(stream) - n_full * seq_len >= 2:
@@ -204,7 +204,7 @@ def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, wor
 
 
 def wrap_model(model, cfg: PretrainConfig, world: World, device: torch.device, kd: bool = False):
-    """(module whose forward(input_ids) returns the mean loss, the HF model inside it)."""
+    """The module whose forward(input_ids[, teacher]) returns the mean loss: CausalLMLoss, sharded or wrapped."""
     if cfg.activation_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise RefineError(f"{model.config.model_type} does not support --activation-checkpointing; drop the flag")

@@ -90,7 +90,7 @@ def top_overlap(predicted: np.ndarray, exact: np.ndarray, alpha: float) -> float
 def proxy_score(cfg) -> dict:
     from scipy.stats import spearmanr
 
-    from refine.score import score
+    from refine.score import score, start_token_id
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RefineError("proxy scoring runs in one process; drop torchrun/--nproc (or score the subset with torchrun)")
@@ -126,7 +126,7 @@ def proxy_score(cfg) -> dict:
 
     # 2. the proxy: reference body + regression head, on the first window of each document
     tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token_id(tokenizer, cfg.reference)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
 
