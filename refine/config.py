@@ -16,12 +16,14 @@ import yaml
 from refine.errors import RefineError
 
 
-def option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, result: bool = True) -> Any:
+    """A config field. `result=False` marks a setting that cannot change the output (device, batch budget, ...):
+    a rerun may change it and still resume, and it is left out of the settings a run is compared by."""
+    return field(default=default, metadata={"help": help, "result": result})
 
 
-def required(help: str) -> Any:
-    return field(default=None, metadata={"help": help, "required": True})
+def required(help: str, result: bool = True) -> Any:
+    return field(default=None, metadata={"help": help, "required": True, "result": result})
 
 
 @dataclass
@@ -44,7 +46,7 @@ class ScoreConfig(CorpusArgs):
         "Reference LM (small, trained on a random split of the corpus): hub id, local directory or .gguf file. "
         "Must use the teacher's tokenizer."
     )
-    output: Optional[str] = required("Directory for the scores (Parquet shards + manifest.json).")
+    output: Optional[str] = required("Directory for the scores (Parquet shards + manifest.json).", result=False)
     id_column: Optional[str] = option(None, "Column with a unique id per document; default: the row index.")
     teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     reference_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the reference.")
@@ -76,20 +78,21 @@ class ScoreConfig(CorpusArgs):
         None,
         "Token budget of one batch (sequences x padded length); batches are filled with similar lengths. "
         "Default: 1024 (or --max-length if longer) on CPU; on CUDA start at 262144 and halve on out-of-memory.",
+        result=False
     )
     shard_size: int = option(10000, "Documents per output shard; each finished shard is written atomically.")
-    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.", result=False)
     dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`.")
-    compile: bool = option(False, "Compile the models' bodies with torch.compile (dynamic shapes); pays off on long runs.")
-    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.")
+    compile: bool = option(False, "Compile the models' bodies with torch.compile (dynamic shapes); pays off on long runs.", result=False)
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.", result=False)
     trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
-    overwrite: bool = option(False, "Replace an output directory that already holds a result.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a result.", result=False)
 
 
 @dataclass
 class SampleConfig:
     scores: Optional[str] = required("Scores directory written by `refine score`.")
-    output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).")
+    output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).", result=False)
     alpha: float = option(0.5, "Fraction of instances to keep, in (0, 1]; exactly ceil(alpha*N) are kept.")
     method: str = option(
         "difference",
@@ -102,16 +105,16 @@ class SampleConfig:
         None, "Corpus the scores were made from; default: the source recorded in the scores' manifest."
     )
     shard_size_mb: int = option(500, "Approximate size of each output Parquet shard, in MB.")
-    push_to_hub: Optional[str] = option(None, "Also upload the refined dataset to this Hub dataset repo (or fsspec URL), as `refine push` does.")
-    private: bool = option(False, "With --push-to-hub: create the repo as private.")
-    token: Optional[str] = option(None, "Hub token for --push-to-hub; default: HF_TOKEN or the `hf auth login` cache. Never printed.")
-    overwrite: bool = option(False, "Replace an output directory that already holds a result.")
+    push_to_hub: Optional[str] = option(None, "Also upload the refined dataset to this Hub dataset repo (or fsspec URL), as `refine push` does.", result=False)
+    private: bool = option(False, "With --push-to-hub: create the repo as private.", result=False)
+    token: Optional[str] = option(None, "Hub token for --push-to-hub; default: HF_TOKEN or the `hf auth login` cache. Never printed.", result=False)
+    overwrite: bool = option(False, "Replace an output directory that already holds a result.", result=False)
 
 
 @dataclass
 class ReportConfig:
     scores: Optional[str] = required("Scores directory written by `refine score`.")
-    output: str = option("report.html", "HTML file to write (self-contained: figures are embedded).")
+    output: str = option("report.html", "HTML file to write (self-contained: figures are embedded).", result=False)
     data: Optional[str] = option(None, "Corpus the scores were made from; default: the source recorded in the scores' manifest.")
     alpha: float = option(0.5, "Fraction kept by difference sampling, in (0, 1], to mark on the figures.")
     group_column: Optional[str] = option(None, "Corpus column to break the selection down by (e.g. domain, source).")
@@ -139,15 +142,16 @@ class PretrainConfig(CorpusArgs):
         "a model directory or a hub id (config only; weights start from scratch)."
     )
     tokenizer: Optional[str] = required("Tokenizer: hub id, local directory or .gguf file.")
-    output: Optional[str] = required("Directory for checkpoints, metrics.jsonl and the final model.")
+    output: Optional[str] = required("Directory for checkpoints, metrics.jsonl and the final model.", result=False)
     eval_data: Optional[str] = option(None, "Held-out corpus for evaluation; default: --eval-fraction of DATA's documents.")
     eval_fraction: float = option(0.02, "Fraction of documents held out for evaluation when --eval-data is not given.")
     eval_every: int = option(100, "Evaluate the held-out loss every this many optimizer steps (and at the end).")
     max_eval_sequences: int = option(64, "At most this many packed held-out sequences per evaluation.")
     seq_len: int = option(1024, "Length (tokens) of each packed training sequence.")
-    micro_batch_size: int = option(8, "Sequences per forward/backward pass, per process.")
+    micro_batch_size: int = option(8, "Sequences per forward/backward pass, per process.", result=False)
     grad_accum: int = option(
-        1, "Micro-batches accumulated per optimizer step. Global batch = micro-batch x accumulation x processes."
+        1, "Micro-batches accumulated per optimizer step. Global batch = micro-batch x accumulation x processes.",
+        result=False
     )
     max_steps: Optional[int] = option(None, "Training budget in optimizer steps (give this or --max-tokens).")
     max_tokens: Optional[int] = option(
@@ -162,27 +166,31 @@ class PretrainConfig(CorpusArgs):
     grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
     seed: int = option(0, "Seed for initialisation, the held-out split and data order.")
     save_every: int = option(500, "Write a resumable checkpoint every this many steps.")
-    log_every: int = option(10, "Append a line to metrics.jsonl every this many steps.")
+    log_every: int = option(10, "Append a line to metrics.jsonl every this many steps.", result=False)
     resume: bool = option(
         False,
         "Continue from the checkpoint in --output: same data position, optimizer, schedule and RNG. The number of "
         "processes may change if the global batch stays the same.",
+        result=False
     )
     token_cache: Optional[str] = option(
         None,
         "Directory of tokenised, packed corpora (memory-mapped), reused by every run with the same corpus, "
         "tokenizer and held-out split; default: $REFINE_CACHE/tokens or ~/.cache/refine/tokens.",
+        result=False
     )
-    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.", result=False)
     dtype: str = option("auto", "Autocast dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
     lean_loss: bool = option(
         True,
         "Compute the loss chunk by chunk from the final hidden states, never holding the batch's full-vocabulary "
         "logits (for families with a plain LM head; others use the model's own loss).",
+        result=False
     )
-    compile: bool = option(False, "Compile the model with torch.compile; pays off on long runs.")
+    compile: bool = option(False, "Compile the model with torch.compile; pays off on long runs.", result=False)
     activation_checkpointing: bool = option(
-        False, "Recompute activations in the backward pass: less memory, about a third more compute."
+        False, "Recompute activations in the backward pass: less memory, about a third more compute.",
+        result=False
     )
     fsdp: bool = option(
         False,
@@ -193,8 +201,9 @@ class PretrainConfig(CorpusArgs):
         None,
         "Peak dense TFLOP/s of one device, for the MFU figure; default: the datasheet bf16 peak of known GPUs, "
         "else a measured matmul rate.",
+        result=False
     )
-    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU), data parallel.")
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU), data parallel.", result=False)
     kd_teacher: Optional[str] = option(
         None,
         "Online token-level distillation from this teacher (hub id, directory or .gguf), run in inference mode in "
@@ -210,7 +219,7 @@ class PretrainConfig(CorpusArgs):
     )
     kd_temperature: float = option(1.0, "Temperature tau of teacher and student distributions in the KD term.")
     trust_remote_code: bool = option(False, "Allow configs/tokenizers to run code from their repository.")
-    overwrite: bool = option(False, "Replace an output directory that already holds a finished model.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a finished model.", result=False)
 
 
 @dataclass
@@ -245,7 +254,7 @@ class DistillCacheConfig(CorpusArgs):
         "Training corpus exactly as `refine pretrain` will read it (e.g. a refined directory)."
     )
     teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file; its tokenizer is the student's.")
-    output: Optional[str] = required("Directory for the cache (shards of top-k ids and log-probs, meta.json last).")
+    output: Optional[str] = required("Directory for the cache (shards of top-k ids and log-probs, meta.json last).", result=False)
     top_k: int = option(64, "Teacher tokens kept per position (the most probable ones).")
     logprob_dtype: str = option(
         "float16", "Storage of the kept log-probs: `float16` (2 bytes each) or `float32` (4 bytes, exact)."
@@ -256,16 +265,21 @@ class DistillCacheConfig(CorpusArgs):
     seed: int = option(0, "As in `refine pretrain`: the seed of the held-out split.")
     token_cache: Optional[str] = option(None, "As in `refine pretrain`: where tokenised, packed corpora are kept.")
     teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
-    batch_size: int = option(8, "Sequences per teacher forward pass.")
+    batch_size: int = option(8, "Sequences per teacher forward pass.", result=False)
     shard_sequences: int = option(1024, "Packed sequences per cache shard; each finished shard is written atomically.")
-    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.")
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun each rank takes its own GPU.", result=False)
     dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.")
-    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.")
+    nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.", result=False)
     trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
-    overwrite: bool = option(False, "Replace an output directory that already holds a finished cache.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a finished cache.", result=False)
 
 
 Config = TypeVar("Config")
+
+
+def result_settings(cfg) -> dict:
+    """The settings that define a run's result (fields not marked `result=False`), for resume checks and manifests."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("result", True)}
 
 
 def field_help(cls: type, name: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refine import models
-from refine.config import DistillCacheConfig
+from refine.config import DistillCacheConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.lm_loss import Teacher, chunk_rows, has_plain_head
@@ -184,7 +183,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
     if cfg.top_k > vocab:
         raise RefineError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab}); lower it")
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "device", "batch_size", "nproc")}
+    settings = result_settings(cfg)
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
         run_file = output / RUN

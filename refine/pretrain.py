@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_
 
 from refine import data as corpus
 from refine import distill, models, packed
-from refine.config import PretrainConfig
+from refine.config import PretrainConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.flops import device_peak, matmul_params
@@ -37,10 +37,6 @@ from refine.packed import sample_order  # noqa: F401  (part of this module's int
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
-# Settings that may differ between a run and its --resume: they change neither the data order nor the maths.
-# (micro-batch and accumulation may change with the process count as long as the global batch stays the same.)
-RESUME_FREE = ("resume", "overwrite", "device", "log_every", "token_cache", "compile", "activation_checkpointing",
-               "micro_batch_size", "grad_accum", "nproc", "peak_tflops", "lean_loss")
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -326,7 +322,7 @@ def find_checkpoint(output: Path) -> Path | None:
 
 def load_checkpoint(path: Path, cfg: PretrainConfig, loss_module, model, optimizer, scheduler, world: World) -> int:
     saved = json.loads((path / "config.json").read_text())
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUME_FREE and saved.get(k) != v]
+    changed = [k for k, v in result_settings(cfg).items() if saved.get(k) != v]
     if changed:
         raise RefineError(
             f"the checkpoint in {str(path.parent)!r} was made with other settings ({', '.join(changed)}); "

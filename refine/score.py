@@ -17,7 +17,6 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from refine import data as corpus
 from refine import models
 from refine.card import scores_card
-from refine.config import ScoreConfig
+from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch, token_logprobs
@@ -214,9 +213,7 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         for model in (teacher, reference):
             model.base_model.forward = torch.compile(model.base_model.forward, dynamic=True)
 
-    # Same-result settings only: device, process count and batch budget do not change the scores.
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("output", "overwrite", "device", "max_tokens_per_batch", "nproc", "compile")}
+    settings = result_settings(cfg)  # device, process count and batch budget do not change the scores
     run = {
         "settings": settings,
         "data_fingerprint": fingerprint,
