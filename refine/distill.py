@@ -4,14 +4,13 @@
 `refine pretrain` reads) and stores, for every position that predicts a token, the teacher's K most
 probable token ids and their log-probs (normalised over the whole vocabulary). Shards of
 `--shard-sequences` sequences are written atomically and dealt round-robin to torchrun ranks; a rerun
-skips finished shards; meta.json comes last. Bytes per cached token: K x (2 or 4 for the ids: uint16
+skips finished shards; manifest.json comes last. Bytes per cached token: K x (2 or 4 for the ids: uint16
 when the vocabulary fits) + K x (2 for float16 or 4 for float32 log-probs), e.g. 256 for K = 64 in
 float16 with a vocabulary under 65,536.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ from refine.config import DistillCacheConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.lm_loss import Teacher, chunk_rows, has_plain_head
-from refine.output import claim_output_dir, run_info, write_json
+from refine.output import claim, run_info, verify, write_manifest
 
-META = "meta.json"
-RUN = "run.json"
 LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -99,7 +96,8 @@ class KDCache:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.meta = json.loads((directory / META).read_text())
+        # Sizes and the listing are checked, not hashes: a cache holds hundreds of bytes per training token.
+        self.meta = verify(directory, "distill-cache", check_hashes=False)
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _shard(self, index: int):
@@ -133,11 +131,7 @@ class KDCache:
 
 
 def open_cache(path: str) -> KDCache:
-    directory = Path(path)
-    if not (directory / META).exists():
-        hint = " (unfinished: rerun `refine distill-cache` to complete it)" if (directory / RUN).exists() else ""
-        raise RefineError(f"KD cache {path!r} not found{hint}; build it with `refine distill-cache`")
-    return KDCache(directory)
+    return KDCache(Path(path))
 
 
 def validate(cfg: DistillCacheConfig) -> None:
@@ -158,7 +152,15 @@ def build_cache(cfg: DistillCacheConfig) -> dict:
     validate(cfg)
     world = init_world(cfg.device)
     try:
-        return _build_cache(cfg, world)
+        run = {"settings": result_settings(cfg), "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision)}
+        claimed = world.on_main(lambda: claim(cfg.output, "distill-cache", [cfg.data, cfg.eval_data, cfg.teacher,
+                                                                           cfg.token_cache], cfg.overwrite, run))
+        try:
+            world.barrier()
+            return _build_cache(cfg, world)
+        finally:
+            if claimed is not None:
+                claimed.release()
     finally:
         close_world(world)
 
@@ -167,10 +169,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
     from refine.pretrain import load_splits, token_file
 
     started = time.time()
-    output = Path(cfg.output)
-    if world.is_main:
-        claim_output_dir(output, cfg.overwrite, finished_marker=META)
-    world.barrier()
+    output = Path(cfg.output).expanduser().absolute()
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
@@ -183,15 +182,6 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
     if cfg.top_k > vocab:
         raise RefineError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab}); lower it")
 
-    settings = result_settings(cfg)
-    if world.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        run_file = output / RUN
-        if run_file.exists() and json.loads(run_file.read_text()) != settings:
-            raise RefineError(f"{str(output)!r} holds an unfinished cache made with other settings; pass --overwrite "
-                              "or use the original settings")
-        write_json(run_file, settings)
-    world.barrier()
 
     device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
@@ -225,7 +215,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
 
     bytes_per_token = cfg.top_k * (ids_type.itemsize + np.dtype(value_type).itemsize)
     meta = {
-        "stage": "distill-cache", **run_info(), "settings": settings,
+        "stage": "distill-cache", **run_info(), "settings": result_settings(cfg),
         "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
         "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
         "token_file": tokens.directory.name, "n_tokens": tokens.meta["n_tokens"], "seq_len": cfg.seq_len,
@@ -237,6 +227,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
         missing = [s for s in range(n_shards) if not (output / shard_name(s)).exists()]
         if missing:
             raise RefineError(f"{len(missing)} cache shards are missing after the run; rerun the same command")
-        write_json(output / META, meta)
-    return meta if world.is_main else {"rank": world.rank}
+        files = [f"{shard_name(s)}/{name}" for s in range(n_shards) for name in ("ids.npy", "logprobs.npy")]
+        return write_manifest(output, meta, files)
+    return {"rank": world.rank}
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from refine.errors import RefineError
+
 
 @dataclass(frozen=True)
 class World:
@@ -27,6 +29,30 @@ class World:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def on_main(self, action):
+        """Run `action()` on rank 0 only; every rank gets its result (None elsewhere) or raises if it failed.
+
+        Rank 0 raises the real error; the other ranks stop with a pointer to it instead of waiting forever.
+        """
+        result, failed = None, False
+        if self.is_main:
+            try:
+                result = action()
+            except BaseException:
+                failed = True
+                self._share(failed)
+                raise
+        if self._share(failed):
+            raise RefineError("rank 0 stopped with an error (printed above); fix it and rerun")
+        return result
+
+    def _share(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        box = [flag]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
 
     def owns(self, shard_index: int) -> bool:
         """Shards are dealt round-robin: rank r takes shards r, r + W, r + 2W, ..."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from refine import output
 from refine.errors import RefineError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
@@ -107,11 +109,26 @@ def model_identity(ref: str, model=None, revision: Optional[str] = None) -> dict
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a weight file, computed once per (file, size, mtime) in a process: big teachers are hashed often."""
+    stat = Path(path).stat()
+    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return output.file_sha256(Path(path))
+
+
+def check_distinct(teacher: str, teacher_revision: Optional[str], reference: str, reference_revision: Optional[str]) -> None:
+    """Refuse a reference that is the teacher itself: every score would be 0."""
+    a, b = resolve_model_source(teacher, teacher_revision, "teacher"), resolve_model_source(reference, reference_revision, "reference")
+    same = (a.path, a.gguf_file, a.revision) == (b.path, b.gguf_file, b.revision)
+    if not same and a.is_local and b.is_local:
+        digests = {model_identity(ref, None, rev).get("sha256") for ref, rev in ((teacher, teacher_revision), (reference, reference_revision))}
+        same = len(digests) == 1 and digests != {hashlib.sha256().hexdigest()}  # not two directories without weights
+    if same:
+        raise RefineError(f"teacher {teacher!r} and reference {reference!r} are the same model, so every score would be 0; "
+                          "give a small reference trained on a random split of the corpus (refine pretrain)")
 
 
 def directory_weights_sha256(path: Path) -> str:

@@ -32,7 +32,7 @@ from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.flops import device_peak, matmul_params
 from refine.lm_loss import CausalLMLoss
-from refine.output import MANIFEST, claim_output_dir, run_info, write_json
+from refine.output import RUN_FILE, claim, run_info, write_json, write_manifest
 from refine.packed import sample_order  # noqa: F401  (part of this module's interface)
 
 CHECKPOINT = "checkpoint"
@@ -371,29 +371,29 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
     validate(cfg)
     world = init_world(cfg.device)
     try:
-        return _pretrain(cfg, world, stop_after_step)
+        inputs = [cfg.data, cfg.eval_data, cfg.tokenizer, cfg.model_config, cfg.kd_teacher, cfg.kd_cache, cfg.token_cache]
+        claimed = world.on_main(lambda: claim(cfg.output, "pretrain", inputs, cfg.overwrite))
+        try:
+            world.barrier()
+            return _pretrain(cfg, world, stop_after_step)
+        finally:
+            if claimed is not None:
+                claimed.release()
     finally:
         close_world(world)
 
 
 def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) -> dict:
     started = time.time()
-    output = Path(cfg.output)
-    if world.is_main:
-        claim_output_dir(output, cfg.overwrite)
-        if cfg.overwrite and output.exists():
-            shutil.rmtree(output)
-    else:
-        _check_output(output, cfg.overwrite)  # every rank fails alike on a bad output, none waits at a barrier
-    world.barrier()
+    output = Path(cfg.output).expanduser().absolute()
     checkpoint = find_checkpoint(output)
-    if cfg.resume and checkpoint is None:
-        raise RefineError(f"--resume given but {str(output)!r} holds no checkpoint; drop --resume to start fresh")
-    if not cfg.resume and output.exists() and any(output.iterdir()):
+    if checkpoint is not None and not cfg.resume:
         raise RefineError(
-            f"output {str(output)!r} holds an unfinished run; pass --resume to continue it, --overwrite to restart, "
-            "or choose another --output"
+            f"output {cfg.output!r} holds an unfinished run with a checkpoint; pass --resume to continue it, "
+            "--overwrite to restart, or choose another --output"
         )
+    if cfg.resume and checkpoint is None and world.is_main:  # e.g. killed before its first checkpoint
+        tqdm.write(f"no checkpoint in {cfg.output!r} yet; starting from step 0")
 
     # ---- data: tokenised and packed once into a memory-mapped file; a held-out set
     tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
@@ -426,7 +426,7 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
     optimizer = make_optimizer(loss_module, cfg, device)
     warmup = min(cfg.warmup_steps, steps // 10)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=cfg.min_lr_ratio)
-    step = load_checkpoint(checkpoint, cfg, loss_module, model, optimizer, scheduler, world) if cfg.resume else 0
+    step = load_checkpoint(checkpoint, cfg, loss_module, model, optimizer, scheduler, world) if checkpoint else 0
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(output / METRICS, step)
@@ -535,13 +535,6 @@ def _kd_summary(cfg: PretrainConfig) -> str:
     return f"KD from {source} (weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise RefineError(f"output {str(output)!r} is a file; give a directory path")
-    if (output / MANIFEST).exists() and not overwrite:
-        raise RefineError(f"output {str(output)!r} already holds a finished result; pass --overwrite or choose another --output")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (they will be written again)."""
     if not path.exists():
@@ -551,12 +544,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _save_final(output: Path, model, tokenizer, manifest: dict, state_dict: dict | None = None) -> None:
-    """save_pretrained into a staging dir, move each file into place, write the manifest last."""
+    """save_pretrained into a staging dir, move each file into place, write the manifest last.
+
+    The file names go into run.json before they are moved, so a run killed half-way through the move
+    still owns every file it left (and a rerun may replace them).
+    """
     staging = output / "final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
-    for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-        f.replace(output / f.name)
+    names = sorted((f.name for f in staging.iterdir()), key=lambda name: name == "config.json")  # config.json last
+    run = json.loads((output / RUN_FILE).read_text())
+    write_json(output / RUN_FILE, {**run, "files": [{"path": name} for name in names]})
+    for name in names:
+        (staging / name).replace(output / name)
     staging.rmdir()
-    write_json(output / MANIFEST, manifest)
+    write_manifest(output, manifest, [*names, METRICS])

@@ -32,7 +32,8 @@ from refine import models
 from refine.card import scores_card
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch
-from refine.output import MANIFEST, claim_output_dir, content_tag, run_info, write_json, write_parquet, write_text
+from refine.config import result_settings
+from refine.output import MANIFEST, claim, content_tag, run_info, verify, write_manifest, write_parquet, write_text
 
 EXACT_DIR = "exact"
 HELD_OUT_SHARE = 0.2
@@ -88,17 +89,23 @@ def top_overlap(predicted: np.ndarray, exact: np.ndarray, alpha: float) -> float
 
 
 def proxy_score(cfg) -> dict:
-    from scipy.stats import spearmanr
-
-    from refine.score import score, start_token_id
-
+    """Score `cfg.proxy_fraction` of the corpus exactly and predict the rest; write a scores folder."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RefineError("proxy scoring runs in one process; drop torchrun/--nproc (or score the subset with torchrun)")
     if cfg.unit != "document":
         raise RefineError("--proxy-fraction predicts whole documents' scores; use --unit document")
+    with claim(cfg.output, "score", [cfg.data, cfg.teacher, cfg.reference], cfg.overwrite,
+               run={"proxy": result_settings(cfg)}):
+        return _proxy_score(cfg)
+
+
+def _proxy_score(cfg) -> dict:
+    from scipy.stats import spearmanr
+
+    from refine.score import score, start_token_id
+
     started = time.time()
-    output = Path(cfg.output)
-    claim_output_dir(output, cfg.overwrite)
+    output = Path(cfg.output).expanduser().absolute()
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
@@ -114,13 +121,13 @@ def proxy_score(cfg) -> dict:
     subset_file = output / "exact_input.parquet"
     if not subset_file.exists():
         subset = ds.select(exact_rows).add_column(ROW_COLUMN, exact_rows.tolist())
-        tmp = subset_file.with_suffix(".tmp")
+        tmp = output / f".{subset_file.name}.tmp"
         subset.to_parquet(str(tmp))
         tmp.rename(subset_file)
     exact_manifest = score(replace(cfg, data=str(subset_file), output=str(output / EXACT_DIR), proxy_fraction=None,
                                    id_column=ROW_COLUMN, split="train", name=None, overwrite=False)) \
-        if not (output / EXACT_DIR / MANIFEST).exists() else json.loads((output / EXACT_DIR / MANIFEST).read_text())
-    exact = pq.read_table(sorted((output / EXACT_DIR).glob(exact_manifest["data_files"])))
+        if not (output / EXACT_DIR / MANIFEST).exists() else verify(output / EXACT_DIR, "score")
+    exact = pq.read_table([output / EXACT_DIR / f["path"] for f in exact_manifest["files"] if f["path"].endswith(".parquet")])
     exact_row = exact.column("id").to_numpy()
     exact_score = exact.column("score").to_numpy()
 
@@ -192,5 +199,4 @@ def proxy_score(cfg) -> dict:
         "proxy": stats, "elapsed_s": round(time.time() - started, 1),
     }
     write_text(output / "README.md", scores_card(manifest, manifest["data_files"]))
-    write_json(output / MANIFEST, manifest)
-    return manifest
+    return write_manifest(output, manifest, [f"data/scores-{tag}-proxy.parquet", "README.md"])

@@ -2,35 +2,59 @@
 
 The folder `refine sample` writes is uploaded as it is (Parquet shards, the dataset card, the
 manifest), so `datasets.load_dataset(folder)` and `datasets.load_dataset(repo_id)` give the same rows.
+Every file is checked against the manifest before the first byte leaves the machine.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from refine.config import PushConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, MANIFEST, read_manifest
+from refine.output import MANIFEST, claim, verify
 
 
 def refined_files(folder: Path) -> list[Path]:
-    """The files to publish, data first and the manifest (the completion marker) last."""
-    manifest = read_manifest(folder)
-    if manifest is None or manifest.get("stage") != "sample":
-        raise RefineError(
-            f"{str(folder)!r} is not a finished refined dataset (no manifest.json from `refine sample`); "
-            "check the path or run refine sample first"
-        )
-    data = sorted((folder / DATA_DIR).glob("*.parquet"))
-    return [*data, folder / "README.md", folder / MANIFEST]
+    """The files to publish, checked against the manifest: data first and the manifest (the completion marker) last."""
+    manifest = verify(folder, "sample")
+    return [folder / record["path"] for record in manifest["files"]] + [folder / MANIFEST]
 
 
 def is_fsspec_url(target: str) -> bool:
     return "://" in target and not target.startswith("hf://") or target.startswith(("/", ".", "~"))
 
 
+def hub_repo_id(target: str) -> str:
+    """The Hub dataset repo id of a target, or one error saying why it is not one."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = target.removeprefix("hf://datasets/")
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it must have the form user/name")
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = str(e).strip().splitlines()[0].rstrip(".")
+        raise RefineError(f"{target!r} is not a valid Hub dataset repo id ({reason}); give it as user/name "
+                          "(letters, digits, '-', '_', '.'), or an fsspec URL / local path") from None
+    return repo_id
+
+
+def check_target(target: str) -> None:
+    """What can be checked about a push target before any work: its form, and for a local path its place."""
+    if not is_fsspec_url(target):
+        hub_repo_id(target)
+    elif "://" not in target or target.startswith("file://"):
+        local = Path(target.removeprefix("file://")).expanduser()
+        if local.exists() and not local.is_dir():
+            raise RefineError(f"push target {target!r} is an existing file; give a directory path")
+
+
 def push(cfg: PushConfig) -> dict:
     """Upload `cfg.refined` to `cfg.target`; return where it went."""
+    check_target(cfg.target)
     folder = Path(cfg.refined)
     files = refined_files(folder)
     if is_fsspec_url(cfg.target):
@@ -40,12 +64,10 @@ def push(cfg: PushConfig) -> dict:
 
 def _push_hub(folder: Path, files: list[Path], cfg: PushConfig) -> dict:
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    repo_id = cfg.target.removeprefix("hf://datasets/")
-    if repo_id.count("/") != 1:
-        raise RefineError(f"{cfg.target!r} is not a Hub dataset repo id; give it as user/name (or an fsspec URL)")
-    manifest = read_manifest(folder)
+    repo_id = hub_repo_id(cfg.target)
+    manifest = verify(folder, "sample", check_hashes=False)  # hashes were checked by refined_files
     message = cfg.commit_message or f"refine: {manifest['method']} sampling, alpha={manifest['alpha']}"
     # token=None lets huggingface_hub find HF_TOKEN or the login cache itself; it is never echoed.
     api = HfApi(token=cfg.token)
@@ -53,25 +75,57 @@ def _push_hub(folder: Path, files: list[Path], cfg: PushConfig) -> dict:
         api.create_repo(repo_id, repo_type="dataset", private=cfg.private, exist_ok=True)
         if cfg.revision:
             api.create_branch(repo_id, branch=cfg.revision, repo_type="dataset", exist_ok=True)
-        # One commit: shards, card and manifest land together. Large files go through the Hub's
-        # content-addressed storage, so a rerun after a broken upload skips what already arrived.
+        # One commit: shards, card and manifest land together or not at all. Large files go through the
+        # Hub's content-addressed storage, so a rerun after a broken upload skips what already arrived.
         operations = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f)) for f in files]
         info = api.create_commit(repo_id, operations, commit_message=message, repo_type="dataset", revision=cfg.revision)
+    except OfflineModeIsEnabled:
+        raise RefineError("the Hub is in offline mode (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE to publish, "
+                          "or push to a local path or fsspec URL") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", "?")
         hint = "check the token's write access" if status in (401, 403) else "check the repo id and your connection"
-        raise RefineError(f"the Hub refused the upload to {repo_id!r} (HTTP {status}); {hint}") from None
+        raise RefineError(f"the Hub refused the upload to {repo_id!r} (HTTP {status}); {hint}, then rerun") from None
+    except (OSError, ConnectionError) as e:  # requests/httpx connection errors derive from these
+        raise RefineError(f"could not reach the Hub to upload to {repo_id!r} ({type(e).__name__}); check the network "
+                          "or HF_ENDPOINT, then rerun (nothing was published)") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
+            raise RefineError(f"could not reach the Hub to upload to {repo_id!r} ({type(e).__name__}); check the "
+                              "network or HF_ENDPOINT, then rerun (nothing was published)") from None
+        raise
     return {"target": repo_id, "commit": info.oid, "url": info.commit_url, "files": len(files)}
 
 
 def _push_fsspec(folder: Path, files: list[Path], target: str) -> dict:
     import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
     fs, root = fsspec.core.url_to_fs(target)
     if fs.exists(f"{root}/{MANIFEST}"):
         raise RefineError(f"{target!r} already holds a published dataset; choose another target or delete it first")
-    for f in files:  # manifest last: a broken copy never looks complete
-        remote = f"{root}/{f.relative_to(folder).as_posix()}"
+    if isinstance(fs, LocalFileSystem):
+        return _push_local(folder, files, Path(root), target)
+    names = [f.relative_to(folder).as_posix() for f in files]
+    present = [p.removeprefix(root.rstrip("/") + "/") for p in fs.find(root)] if fs.exists(root) else []
+    foreign = sorted(set(present) - set(names))
+    if foreign:
+        raise RefineError(f"{target!r} holds files that are not part of this dataset ({', '.join(foreign[:3])}); "
+                          "choose an empty target")
+    for f, name in zip(files, names):  # manifest last: a broken copy never looks complete
+        remote = f"{root}/{name}"
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(f), remote)
+    return {"target": target, "files": len(files)}
+
+
+def _push_local(folder: Path, files: list[Path], root: Path, target: str) -> dict:
+    """A local target is a run directory like any other: claimed, locked, built beside it and renamed in."""
+    with claim(root, "sample", [str(folder)], overwrite=False, staged=True) as claimed:
+        staging = claimed.staging_dir()
+        for f in files:
+            destination = staging / f.relative_to(folder)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, destination)
+        claimed.commit(staging)
     return {"target": target, "files": len(files)}

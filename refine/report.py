@@ -13,8 +13,12 @@ import pandas as pd
 from refine import data as corpus
 from refine.config import ReportConfig
 from refine.errors import RefineError
-from refine.output import write_text
+from refine.output import claim_file, write_text
 from refine.sample import _check_same_corpus, read_scores, select_top_fraction, selection_keys
+
+
+# The mark of a page refine wrote: an existing --output without it is never replaced.
+GENERATOR = '<meta name="generator" content="refine report">'
 
 
 def validate(cfg: ReportConfig) -> None:
@@ -190,7 +194,7 @@ def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;"
              "vertical-align:top}pre{white-space:pre-wrap;margin:0;max-width:650px;font-size:12px}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>refine report</title><style>{style}</style></head>"
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR}<title>refine report</title><style>{style}</style></head>"
             f"<body><h1>What difference sampling keeps (α = {cfg.alpha})</h1>{''.join(sections)}"
             f"<p><small>refine {manifest['refine_version']} · scores from {html.escape(manifest['created'])}</small></p>"
             "</body></html>")
@@ -202,6 +206,7 @@ def report(cfg: ReportConfig) -> dict:
 
     matplotlib.use("Agg")
     validate(cfg)
-    frame, manifest = scored_frame(cfg)
-    write_text(Path(cfg.output), render(frame, manifest, cfg))
+    with claim_file(cfg.output, "report", GENERATOR, [cfg.scores, cfg.data]):
+        frame, manifest = scored_frame(cfg)
+        write_text(Path(cfg.output), render(frame, manifest, cfg))
     return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum())}

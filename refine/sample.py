@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from refine import data as corpus
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, MANIFEST, claim_output_dir, content_tag, read_manifest, run_info, write_json, write_parquet, write_text
+from refine.output import DATA_DIR, Claim, claim, content_tag, run_info, verify, write_manifest, write_parquet, write_text
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -62,14 +61,10 @@ def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
 
 
 def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
-    manifest = read_manifest(scores_dir)
-    if manifest is None or manifest.get("stage") != "score":
-        raise RefineError(
-            f"{str(scores_dir)!r} is not a finished scores directory (no manifest.json from `refine score`); "
-            "check the path or finish the scoring run"
-        )
-    shards = sorted(scores_dir.glob(manifest["data_files"]))
-    table = pa.concat_tables(pq.read_table(p) for p in shards)
+    """Every score row of a finished `refine score` output, after checking its files against the manifest."""
+    manifest = verify(scores_dir, "score")
+    paths = [scores_dir / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
+    table = pa.concat_tables(pq.read_table(p) for p in paths)
     if table.num_rows != manifest["n_instances"]:
         raise RefineError(
             f"{str(scores_dir)!r} holds {table.num_rows} scores but its manifest says {manifest['n_instances']}; rescore"
@@ -80,38 +75,37 @@ def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
 def sample(cfg: SampleConfig) -> dict:
     """Write the kept instances (original columns + score columns) as a dataset directory; return its manifest."""
     validate(cfg)
-    scores_dir, output = Path(cfg.scores), Path(cfg.output)
+    scores_dir = Path(cfg.scores)
     scores, score_manifest = read_scores(scores_dir)
-    claim_output_dir(output, cfg.overwrite)
-
-    keys = selection_keys(scores, cfg.method, cfg.seed)
-    kept = select_top_fraction(keys, scores.column("id").to_numpy(zero_copy_only=False), cfg.alpha)
-    kept_scores = scores.take(kept)
     data_spec = score_manifest["data"]
-    if score_manifest["settings"]["unit"] == "chunk":
-        if cfg.data is not None:
-            _check_same_corpus(cfg.data, data_spec)
-        refined = kept_scores
-    else:
-        refined = _join_documents(cfg.data or data_spec["source"], data_spec, kept_scores)
+    source = cfg.data or data_spec["source"]
+    with claim(cfg.output, "sample", [cfg.scores, source], cfg.overwrite, staged=True) as claimed:
+        keys = selection_keys(scores, cfg.method, cfg.seed)
+        kept = select_top_fraction(keys, scores.column("id").to_numpy(zero_copy_only=False), cfg.alpha)
+        kept_scores = scores.take(kept)
+        if score_manifest["settings"]["unit"] == "chunk":
+            if cfg.data is not None:
+                _check_same_corpus(cfg.data, data_spec)
+            refined = kept_scores
+        else:
+            refined = _join_documents(source, data_spec, kept_scores)
 
-    threshold = float(np.min(keys[kept])) if len(kept) else None
-    manifest = {
-        "stage": "sample",
-        **run_info(),
-        "method": cfg.method,
-        "alpha": cfg.alpha,
-        "seed": cfg.seed if cfg.method == "random" else None,
-        "threshold": threshold if cfg.method != "random" else None,
-        "instances_before": scores.num_rows,
-        "instances_after": refined.num_rows,
-        "tokens_before": int(pc_sum(scores, "n_tokens")),
-        "tokens_after": int(pc_sum(refined, "n_tokens")),
-        "score_stats": _stats(scores.column("score").to_numpy()),
-        "scores": score_manifest,
-    }
-    _write_dataset(output, refined, manifest, cfg.shard_size_mb)
-    return manifest
+        threshold = float(np.min(keys[kept])) if len(kept) else None
+        manifest = {
+            "stage": "sample",
+            **run_info(),
+            "method": cfg.method,
+            "alpha": cfg.alpha,
+            "seed": cfg.seed if cfg.method == "random" else None,
+            "threshold": threshold if cfg.method != "random" else None,
+            "instances_before": scores.num_rows,
+            "instances_after": refined.num_rows,
+            "tokens_before": int(pc_sum(scores, "n_tokens")),
+            "tokens_after": int(pc_sum(refined, "n_tokens")),
+            "score_stats": _stats(scores.column("score").to_numpy()),
+            "scores": score_manifest,
+        }
+        return _write_dataset(claimed, refined, manifest, cfg.shard_size_mb)
 
 
 def pc_sum(table: pa.Table, column: str) -> float:
@@ -161,22 +155,21 @@ def _join_documents(source: str, data_spec: dict, kept_scores: pa.Table) -> pa.T
     return table
 
 
-def _write_dataset(output: Path, table: pa.Table, manifest: dict, shard_size_mb: int) -> None:
-    """Build the whole directory beside `output`, then rename it into place: complete or absent."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+def _write_dataset(claimed: Claim, table: pa.Table, manifest: dict, shard_size_mb: int) -> dict:
+    """Build the whole directory beside the output, then rename it into place: complete or absent."""
+    staging = claimed.staging_dir()
     try:
         tag = content_tag(manifest)
         n_shards = max(1, math.ceil(table.nbytes / (shard_size_mb * 2**20)))
         rows_per_shard = math.ceil(table.num_rows / n_shards) if table.num_rows else 0
+        files = []
         for k in range(n_shards):
-            shard = table.slice(k * rows_per_shard, rows_per_shard)
-            write_parquet(staging / DATA_DIR / f"train-{tag}-{k:05d}-of-{n_shards:05d}.parquet", shard)
+            files.append(f"{DATA_DIR}/train-{tag}-{k:05d}-of-{n_shards:05d}.parquet")
+            write_parquet(staging / files[-1], table.slice(k * rows_per_shard, rows_per_shard))
         write_text(staging / "README.md", refined_card(manifest, f"{DATA_DIR}/train-{tag}-*.parquet"))
-        write_json(staging / MANIFEST, manifest)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        sealed = write_manifest(staging, manifest, [*files, "README.md"])
+        claimed.commit(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return sealed

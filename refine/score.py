@@ -13,11 +13,11 @@ Conventions (also in the README):
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,19 +32,10 @@ from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch, token_logprobs
-from refine.output import (
-    DATA_DIR,
-    MANIFEST,
-    content_tag,
-    run_info,
-    write_json,
-    write_parquet,
-    write_text,
-)
+from refine.output import DATA_DIR, claim, content_tag, run_info, write_manifest, write_parquet, write_text
 
 UNITS = ("document", "chunk")
 NORMALIZATIONS = ("tokens", "bytes")
-RUN_FILE = "run.json"
 
 
 def validate(cfg: ScoreConfig) -> None:
@@ -174,7 +165,7 @@ def score(cfg: ScoreConfig) -> dict:
 
 def _score(cfg: ScoreConfig, world: World) -> dict:
     started = time.time()
-    output = Path(cfg.output)
+    # ---- set up: corpus, tokenizers and the run's identity, then the output, all before any model loads
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
@@ -183,6 +174,7 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     n_rows, n_blank = len(ds), corpus.count_blank(ds, cfg.text_column)
     if n_blank == n_rows:
         raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
+    models.check_distinct(cfg.teacher, cfg.teacher_revision, cfg.reference, cfg.reference_revision)
 
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     ref_tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
@@ -197,7 +189,47 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         raise RefineError("chunks are cut from the teacher's tokens, which the reference cannot read; use --unit document")
     start_id = start_token_id(tokenizer, cfg.teacher)
     ref_start_id = start_id if same_tokenizer else start_token_id(ref_tokenizer, cfg.reference)
+    run = {
+        "settings": result_settings(cfg),  # device, process count and batch budget do not change the scores
+        "data_fingerprint": fingerprint,
+        "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision),
+        "reference": models.model_identity(cfg.reference, None, cfg.reference_revision),
+        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+                      "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
+        "normalize": normalize,
+    }
+    if not same_tokenizer:
+        run["reference_tokenizer"] = {"fingerprint": models.tokenizer_fingerprint(ref_tokenizer),
+                                      "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
+    setup = ScoreSetup(started, ds, ids, id_type, n_blank, run, tokenizer, None if same_tokenizer else ref_tokenizer,
+                       start_id, ref_start_id)
+    claimed = world.on_main(lambda: claim(cfg.output, "score", [cfg.data, cfg.teacher, cfg.reference],
+                                          cfg.overwrite, run))
+    try:
+        world.barrier()
+        return _score_claimed(cfg, world, setup)
+    finally:
+        if claimed is not None:
+            claimed.release()
 
+
+@dataclass
+class ScoreSetup:
+    """What `_score` prepared before claiming the output: the corpus, tokenizers and the run's identity."""
+
+    started: float
+    ds: Any
+    ids: list
+    id_type: pa.DataType
+    n_blank: int
+    run: dict
+    tokenizer: Any
+    ref_tokenizer: Any  # None when the reference reads the teacher's tokens
+    start_id: int
+    ref_start_id: int
+
+
+def _load_models(cfg: ScoreConfig, world: World):
     device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
     teacher = models.load_causal_lm(cfg.teacher, cfg.teacher_revision, dtype, device, cfg.trust_remote_code)
@@ -212,26 +244,16 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     if cfg.compile:
         for model in (teacher, reference):
             model.base_model.forward = torch.compile(model.base_model.forward, dynamic=True)
+    return device, teacher, reference
 
-    settings = result_settings(cfg)  # device, process count and batch budget do not change the scores
-    run = {
-        "settings": settings,
-        "data_fingerprint": fingerprint,
-        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
-        "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
-        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-                      "start_token_id": start_id, "eos_token_id": tokenizer.eos_token_id},
-        "normalize": normalize,
-    }
-    if not same_tokenizer:
-        run["reference_tokenizer"] = {"fingerprint": models.tokenizer_fingerprint(ref_tokenizer),
-                                      "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
-    action = _check_output(output, run, cfg.overwrite)  # every rank decides alike, so every rank raises alike
-    world.barrier()
-    if world.is_main:
-        _prepare_output(output, run, action)
-    world.barrier()
 
+def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
+    """Score the shards this rank owns that are not on disk yet; rank 0 then writes the card and manifest."""
+    output = Path(cfg.output).expanduser().absolute()
+    device, teacher, reference = _load_models(cfg, world)
+    ds, ids, run, tokenizer, ref_tokenizer = setup.ds, setup.ids, setup.run, setup.tokenizer, setup.ref_tokenizer
+    start_id, ref_start_id, id_type = setup.start_id, setup.ref_start_id, setup.id_type
+    n_rows, same_tokenizer, normalize = len(ds), ref_tokenizer is None, run["normalize"]
     tag = content_tag(run)
     shards = [(k, first, min(first + cfg.shard_size, n_rows)) for k, first in enumerate(range(0, n_rows, cfg.shard_size))]
     shard_path = lambda first, last: output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
@@ -276,26 +298,28 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         "stage": "score",
         **run_info(),
         **run,
+        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
+        "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
         "data": {
             "source": cfg.data,
             "split": cfg.split,
             "name": cfg.name,
             "text_column": cfg.text_column,
             "id_column": cfg.id_column,
-            "fingerprint": fingerprint,
+            "fingerprint": run["data_fingerprint"],
             "n_rows": n_rows,
-            "n_blank_skipped": n_blank,
+            "n_blank_skipped": setup.n_blank,
             "license": ds.info.license or None,
         },
         "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
         "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),
         "n_tokens": sum(int(pq.read_metadata(p).metadata[b"refine_n_tokens"]) for p in paths),
         "world_size": world.world_size,
-        "elapsed_s": round(time.time() - started, 1),
+        "elapsed_s": round(time.time() - setup.started, 1),
     }
     write_text(output / "README.md", scores_card(manifest, f"{DATA_DIR}/scores-{tag}-*.parquet"))
-    write_json(output / MANIFEST, manifest)
-    return manifest
+    files = [p.relative_to(output).as_posix() for p in paths] + ["README.md"]
+    return write_manifest(output, manifest, files)
 
 
 def _windows(token_ids, start_id, max_length):
@@ -358,36 +382,3 @@ def start_token_id(tokenizer, ref: str) -> int:
     if start_id is None:
         raise RefineError(f"tokenizer of {ref!r} has neither a BOS nor an EOS token; refine needs one of them")
     return start_id
-
-
-def _check_output(output: Path, run: dict, overwrite: bool) -> str:
-    """What to do with `output`: "fresh", "resume" (same unfinished run) or "replace" (--overwrite). Reads only."""
-    if output.exists() and not output.is_dir():
-        raise RefineError(f"output {str(output)!r} is a file; give a directory path")
-    if not output.exists() or not any(output.iterdir()):
-        return "fresh"
-    if (output / MANIFEST).exists():
-        if overwrite:
-            return "replace"
-        raise RefineError(f"output {str(output)!r} already holds a finished result; pass --overwrite or choose another --output")
-    run_file = output / RUN_FILE
-    if run_file.exists() and json.loads(run_file.read_text()) == json.loads(json.dumps(run, default=str)):
-        return "replace" if overwrite else "resume"
-    if overwrite:
-        return "replace"
-    if run_file.exists():
-        raise RefineError(
-            f"output {str(output)!r} holds an unfinished run with other settings, data or models; "
-            "rerun the same command to resume it, pass --overwrite to discard it, or choose another --output"
-        )
-    raise RefineError(f"output {str(output)!r} is not empty; pass --overwrite or choose another --output")
-
-
-def _prepare_output(output: Path, run: dict, action: str) -> None:
-    if action == "replace":
-        shutil.rmtree(output)
-    if action == "resume":  # temp files of shards a killed run was writing
-        for stale in (output / DATA_DIR).glob(".*.tmp"):
-            stale.unlink()
-    else:
-        write_json(output / RUN_FILE, run)

@@ -119,7 +119,7 @@ def test_bad_input_to_score(tmp_path, teacher_dir, reference_dir, corpus_file):
 def test_bad_input_to_sample(tmp_path, scored, corpus_file):
     for alpha in ("0", "-0.1", "1.01"):
         assert_user_error(invoke("sample", scored, "--alpha", alpha, "--output", tmp_path / "r"), "outside (0, 1]")
-    assert_user_error(invoke("sample", tmp_path / "missing", "--output", tmp_path / "r"), "not a finished scores directory")
+    assert_user_error(invoke("sample", tmp_path / "missing", "--output", tmp_path / "r"), "not a finished `refine score` output")
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
     assert_user_error(invoke("sample", scored, "--data", other, "--output", tmp_path / "r"), "differs from the one that was scored")

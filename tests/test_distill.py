@@ -113,7 +113,7 @@ def test_cache_resumes_and_refuses_other_packing(kd_setup, teacher_dir):
     assert first["n_shards"] >= 3
     saved = {p.name: np.load(p / "ids.npy") for p in sorted(cache.glob("shard-*"))}
     # a crash before the end: the last shard and the meta are gone; a rerun redoes only what is missing
-    (cache / "meta.json").unlink()
+    (cache / "manifest.json").unlink()
     shutil.rmtree(cache / "shard-000001")
     with pytest.raises(RefineError, match="unfinished"):
         open_cache(str(cache))
@@ -122,7 +122,7 @@ def test_cache_resumes_and_refuses_other_packing(kd_setup, teacher_dir):
         assert np.array_equal(np.load(cache / name / "ids.npy"), ids)
     with pytest.raises(RefineError, match="other settings"):
         shutil.rmtree(cache / "shard-000000")
-        (cache / "meta.json").unlink()
+        (cache / "manifest.json").unlink()
         build_cache(cache_args(kd_setup, teacher_dir, top_k=4))
     build_cache(cache_args(kd_setup, teacher_dir, top_k=8))
     with pytest.raises(RefineError, match="seq_len"):

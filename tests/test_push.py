@@ -82,7 +82,7 @@ def test_push_to_a_local_fsspec_path(tmp_path, refined):
 def test_push_refuses_a_folder_that_is_not_refined(tmp_path):
     result = run(["push", tmp_path, "someone/x"], check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error:") and "not a finished refined dataset" in result.stderr
+    assert result.stderr.strip().startswith("error:") and "not a finished `refine sample` output" in result.stderr
 
 
 def test_push_to_s3_compatible_server(tmp_path, refined, monkeypatch):

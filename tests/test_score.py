@@ -111,6 +111,6 @@ def test_per_token_score_with_mismatched_tokenizers_is_refused(tmp_path, teacher
     assert not (tmp_path / "scores").exists()
 
 
-def test_max_length_beyond_model_positions_is_refused(tmp_path, teacher_dir, corpus_file):
+def test_max_length_beyond_model_positions_is_refused(tmp_path, teacher_dir, reference_dir, corpus_file):
     with pytest.raises(RefineError, match="positions"):
-        run_score(corpus_file, teacher_dir, teacher_dir, tmp_path / "scores", max_length=4096, max_tokens_per_batch=8192)
+        run_score(corpus_file, teacher_dir, reference_dir, tmp_path / "scores", max_length=4096, max_tokens_per_batch=8192)
