@@ -260,8 +260,9 @@ def take_lock(path: Path, shown: str) -> tuple[int, Path]:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            with contextlib.suppress(OSError):  # the pid only helps the message of a second run; a full disk may refuse it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             return fd, lock_path
         os.close(fd)
 

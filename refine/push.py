@@ -12,7 +12,7 @@ from pathlib import Path
 
 from refine.config import PushConfig
 from refine.errors import RefineError
-from refine.output import MANIFEST, claim, verify
+from refine.output import MANIFEST, claim, verify, write_fault
 
 
 def refined_files(folder: Path) -> list[Path]:
@@ -123,9 +123,13 @@ def _push_local(folder: Path, files: list[Path], root: Path, target: str) -> dic
     """A local target is a run directory like any other: claimed, locked, built beside it and renamed in."""
     with claim(root, "sample", [str(folder)], overwrite=False, staged=True) as claimed:
         staging = claimed.staging_dir()
-        for f in files:
-            destination = staging / f.relative_to(folder)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, destination)
-        claimed.commit(staging)
+        try:
+            for f in files:
+                destination = staging / f.relative_to(folder)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, destination)
+            claimed.commit(staging)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise write_fault(e, root) from None
     return {"target": target, "files": len(files)}
