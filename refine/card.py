@@ -35,17 +35,36 @@ def _is_hub_name(source: str) -> bool:
     return not Path(source).expanduser().exists() and "://" not in source and source.count("/") <= 1
 
 
+def public_name(ref: str) -> str:
+    """How a card names a model or corpus: hub ids and relative names as given, a local absolute path by its
+    last component only (cards are published; local paths are nobody else's business)."""
+    text = str(ref)
+    if text.startswith(("/", "~")) or (len(text) > 2 and text[1] == ":" and text[2] in "\\/"):
+        return Path(text).name or text
+    return text
+
+
+def public_command(command: str) -> str:
+    """The command as recorded, with every absolute path (also in --flag=/path) cut to its last component."""
+    words = []
+    for word in command.split(" "):
+        flag, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
+        words.append(f"{flag}{sep}{public_name(value)}" if value else word)
+    return " ".join(words)
+
+
 def _model_line(model: dict) -> str:
     where = model.get("sha256") and f"sha256 `{model['sha256'][:16]}…`" or model.get("commit") and f"commit `{model['commit']}`" or "revision unknown"
     size = f", {model['n_params'] / 1e6:.1f}M params" if model.get("n_params") else ""
-    return f"`{model['id']}` ({model.get('model_type', '?')}{size}; {where})"
+    quantised = f", quantised GGUF `{model['gguf_file']}`" if model.get("gguf_file") else ""
+    return f"`{public_name(model['id'])}` ({model.get('model_type', '?')}{size}{quantised}; {where})"
 
 
 def scores_card(manifest: dict, data_pattern: str) -> str:
     data = manifest["data"]
     return (
         front_matter(data_pattern, manifest["n_instances"], data.get("license"), data["source"])
-        + f"\n# Scores of `{data['source']}` by refine\n\n"
+        + f"\n# Scores of `{public_name(data['source'])}` by refine\n\n"
         + "Per-instance log-probabilities under a teacher and a reference LM (MiniPLM difference sampling). "
         + "Columns: `id, n_tokens, teacher_logprob, ref_logprob, score` (and, for documents, `n_bytes`), with "
         + (f"`score = (teacher_logprob - ref_logprob) / n_bytes`: each model read its own tokenization, "
@@ -53,7 +72,7 @@ def scores_card(manifest: dict, data_pattern: str) -> str:
            if manifest.get("normalize") == "bytes" else "`score = (teacher_logprob - ref_logprob) / n_tokens` (natural log).\n\n")
         + f"- teacher: {_model_line(manifest['teacher'])}\n- reference: {_model_line(manifest['reference'])}\n"
         + f"- instances: {manifest['n_instances']:,} ({manifest['settings']['unit']}s), tokens: {manifest['n_tokens']:,}\n"
-        + f"- command: `{manifest['command']}`\n- refine {manifest['refine_version']}, {manifest['created']}\n"
+        + f"- command: `{public_command(manifest['command'])}`\n- refine {manifest['refine_version']}, {manifest['created']}\n"
     )
 
 
@@ -69,14 +88,14 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
     threshold = f"{manifest['threshold']:.4f}" if manifest["threshold"] is not None else "– (random)"
     return (
         front_matter(data_pattern, manifest["instances_after"], data.get("license"), data["source"])
-        + f"\n# `{data['source']}` refined by {manifest['method']} sampling, α = {manifest['alpha']}\n\n"
-        + f"The top {manifest['alpha']:.0%} of `{data['source']}` ({scores['settings']['unit']}s) selected by {method}, "
+        + f"\n# `{public_name(data['source'])}` refined by {manifest['method']} sampling, α = {manifest['alpha']}\n\n"
+        + f"The top {manifest['alpha']:.0%} of `{public_name(data['source'])}` ({scores['settings']['unit']}s) selected by {method}, "
         + "made with refine. Original columns are kept, in corpus order, with `id` and the "
         + "score columns `n_tokens, teacher_logprob, ref_logprob, score` beside them.\n\n"
         + "```python\nimport datasets\nds = datasets.load_dataset(\"THIS_REPO_OR_FOLDER\", split=\"train\")\n```\n\n"
         + "## Provenance\n\n"
         + "| | |\n|---|---|\n"
-        + f"| source | `{data['source']}` (split `{data['split']}`, text column `{data['text_column']}`, "
+        + f"| source | `{public_name(data['source'])}` (split `{data['split']}`, text column `{data['text_column']}`, "
         + f"content sha256 `{data['fingerprint'][:16]}…`) |\n"
         + f"| teacher | {_model_line(scores['teacher'])} |\n"
         + f"| reference | {_model_line(scores['reference'])} |\n"
@@ -90,5 +109,5 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
         + f"| scoring | unit `{scores['settings']['unit']}`, max length {scores['settings']['max_length']} tokens, "
         + f"{scores['n_tokens']:,} tokens scored; BOS as unscored context, no EOS |\n"
         + f"| refine | {manifest['refine_version']}, {manifest['created']} |\n\n"
-        + f"Commands:\n\n```\n{scores['command']}\n{manifest['command']}\n```\n"
+        + f"Commands:\n\n```\n{public_command(scores['command'])}\n{public_command(manifest['command'])}\n```\n"
     )

@@ -9,6 +9,8 @@ import datasets
 import pytest
 import yaml
 
+from refine.card import public_command
+
 from hub_server import HubStandIn
 
 TOKEN = "hf_refineTestToken0123456789abcdef"
@@ -37,7 +39,8 @@ def test_card_front_matter_and_provenance(refined):
     manifest = json.loads((refined / "manifest.json").read_text())
     for fact in ("## Provenance", "teacher", "reference", "α = 0.5", "30 → 15",
                  f"{manifest['tokens_before']:,} → {manifest['tokens_after']:,}", f"{manifest['threshold']:.4f}",
-                 manifest["scores"]["command"], manifest["command"], manifest["refine_version"]):
+                 public_command(manifest["scores"]["command"]), public_command(manifest["command"]),
+                 manifest["refine_version"]):
         assert fact in card, fact
     assert len(datasets.load_dataset(str(refined), split="train")) == 15
 
