@@ -86,15 +86,20 @@ def _push_hub(folder: Path, files: list[Path], cfg: PushConfig) -> dict:
         status = getattr(e.response, "status_code", "?")
         hint = "check the token's write access" if status in (401, 403) else "check the repo id and your connection"
         raise RefineError(f"the Hub refused the upload to {repo_id!r} (HTTP {status}); {hint}, then rerun") from None
-    except (OSError, ConnectionError) as e:  # requests/httpx connection errors derive from these
+    except Exception as e:
+        if not is_network_error(e):
+            raise
         raise RefineError(f"could not reach the Hub to upload to {repo_id!r} ({type(e).__name__}); check the network "
                           "or HF_ENDPOINT, then rerun (nothing was published)") from None
-    except Exception as e:
-        if type(e).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
-            raise RefineError(f"could not reach the Hub to upload to {repo_id!r} ({type(e).__name__}); check the "
-                              "network or HF_ENDPOINT, then rerun (nothing was published)") from None
-        raise
     return {"target": repo_id, "commit": info.oid, "url": info.commit_url, "files": len(files)}
+
+
+NETWORK_ERRORS = {"ConnectionError", "TransportError", "NetworkError", "ConnectError", "TimeoutException", "Timeout"}
+
+
+def is_network_error(error: BaseException) -> bool:
+    """A connection failure, whichever HTTP client huggingface_hub uses (requests, httpx, ...)."""
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(c.__name__ in NETWORK_ERRORS for c in type(error).__mro__)
 
 
 def _push_fsspec(folder: Path, files: list[Path], target: str) -> dict:

@@ -121,3 +121,24 @@ def test_push_to_s3_compatible_server(tmp_path, refined, monkeypatch):
         assert rows.num_rows == 15
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("target, env, message", [
+    ("not a repo!", {}, "not a valid Hub dataset repo id"),
+    ("a/b/c", {}, "not a valid Hub dataset repo id"),
+    ("someone/name", {"HF_HUB_OFFLINE": "1"}, "offline mode"),
+    ("someone/name", {"HF_ENDPOINT": "http://127.0.0.1:9"}, "could not reach the Hub"),
+])
+def test_push_faults_are_one_line(refined, target, env, message):
+    result = run(["push", refined, target, "--token", TOKEN], env=env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and TOKEN not in result.stderr
+
+
+def test_push_refuses_a_target_that_is_a_file(tmp_path, refined):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    result = run(["push", refined, target], check=False)
+    assert result.returncode == 2 and "existing file" in result.stderr
+    assert target.read_text() == "mine"
