@@ -90,6 +90,29 @@ def test_resume_continues_the_same_run(tmp_path, train_file, tokenizer_dir):
     assert [r["loss"] for r in log(interrupted)] == pytest.approx([r["loss"] for r in log(straight)], abs=1e-6)
 
 
+def test_a_run_killed_in_its_first_checkpoint_can_be_rerun(tmp_path, train_file, tokenizer_dir):
+    """Killed while writing its first checkpoint: neither a plain rerun nor --resume may send the user in circles."""
+    model_config = tiny_config_file(tmp_path, "llama")
+    for resume in (False, True):
+        out = tmp_path / f"out-{resume}"
+        pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4), stop_after_step=2)
+        (out / "checkpoint").rename(out / "checkpoint.tmp")  # as if killed before the staged checkpoint was swapped in
+        (out / "checkpoint.tmp" / "trainer_state.pt").unlink()
+        manifest = pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4, resume=resume))
+        assert manifest["steps"] == 4 and (out / "model.safetensors").exists()
+
+
+def test_foreign_files_in_a_pretrain_output_are_never_deleted(tmp_path, train_file, tokenizer_dir):
+    model_config = tiny_config_file(tmp_path, "llama")
+    out = tmp_path / "out"
+    pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=2))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RefineError, match="notes.txt"):
+        pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=2, overwrite=True))
+    (out / "notes.txt").unlink()
+    assert pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=2, overwrite=True))["steps"] == 2
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, train_file, tokenizer_dir):
     model_config = tiny_config_file(tmp_path, "llama")
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import datasets
 import pyarrow.parquet as pq
@@ -114,3 +115,12 @@ def test_per_token_score_with_mismatched_tokenizers_is_refused(tmp_path, teacher
 def test_max_length_beyond_model_positions_is_refused(tmp_path, teacher_dir, reference_dir, corpus_file):
     with pytest.raises(RefineError, match="positions"):
         run_score(corpus_file, teacher_dir, reference_dir, tmp_path / "scores", max_length=4096, max_tokens_per_batch=8192)
+
+
+def test_teacher_as_its_own_reference_is_refused(tmp_path, teacher_dir, corpus_file):
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_dir, copy)
+    for reference in (teacher_dir, copy):  # the same path, or the same weights elsewhere
+        with pytest.raises(RefineError, match="same model"):
+            run_score(corpus_file, teacher_dir, reference, tmp_path / "scores")
+    assert not (tmp_path / "scores").exists()  # refused before the output was claimed
