@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refine import models
+from refine import models, packed
 from refine.config import DistillCacheConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
@@ -166,15 +166,13 @@ def build_cache(cfg: DistillCacheConfig) -> dict:
 
 
 def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
-    from refine.pretrain import load_splits, token_file
-
     started = time.time()
     output = Path(cfg.output).expanduser().absolute()
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
-    train_ds, _, selection = load_splits(cfg)
-    tokens = token_file(cfg, train_ds, selection, tokenizer, cfg.teacher, world)
+    train_ds, _, selection = packed.load_splits(cfg)
+    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.teacher, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence")

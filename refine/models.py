@@ -222,3 +222,11 @@ def max_positions(config) -> Optional[int]:
         if value:
             return int(value)
     return None
+
+
+def start_token_id(tokenizer, ref: str) -> int:
+    """The token every scored sequence starts from (BOS, else EOS), as unscored context."""
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise RefineError(f"tokenizer of {ref!r} has neither a BOS nor an EOS token; refine needs one of them")
+    return start_id

@@ -21,6 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refine import data as corpus
+from refine import models
+from refine.distributed import World
+from refine.errors import RefineError
 from refine.output import write_json
 
 TOKENS = "tokens.bin"
@@ -124,3 +127,79 @@ def sample_order(position: int, count: int, n_sequences: int, seed: int) -> np.n
     positions = np.arange(position, position + count)
     epochs, offsets = np.divmod(positions, n_sequences)
     return np.asarray([epoch_permutation(seed, int(e), n_sequences)[o] for e, o in zip(epochs, offsets)])
+
+
+# ---------------------------------------------------------------- what pretrain and distill-cache read
+
+
+def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, keep_remainder: bool = False) -> list[np.ndarray]:
+    """Join documents with EOS after each and cut into `seq_len` sequences (the remainder only if asked)."""
+    stream = join_with_eos(token_lists, eos_id)
+    n_full = len(stream) // seq_len
+    sequences = list(stream[: n_full * seq_len].reshape(n_full, seq_len)) if n_full else []
+    if keep_remainder and len(stream) - n_full * seq_len >= 2:
+        sequences.append(stream[n_full * seq_len :])
+    return sequences
+
+
+def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows): a seeded random eval_fraction of the documents, at least one."""
+    if n_docs < 2:
+        raise RefineError("need at least 2 documents to hold one out for evaluation; add data or give --eval-data")
+    n_eval = min(n_docs - 1, max(1, round(eval_fraction * n_docs)))
+    permutation = np.random.default_rng(seed).permutation(n_docs)
+    return np.sort(permutation[n_eval:]), np.sort(permutation[:n_eval])
+
+
+def load_splits(cfg):
+    """(train dataset, held-out dataset, description of the row selection) without reading the texts.
+
+    `cfg` is a PretrainConfig or DistillCacheConfig: both name the corpus and the held-out split alike.
+    """
+    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
+    corpus.check_columns(ds, cfg.text_column, None, cfg.data)
+    if corpus.count_blank(ds, cfg.text_column) == len(ds):
+        raise RefineError(f"all documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
+    if cfg.eval_data is not None:
+        eval_ds = corpus.load_corpus(cfg.eval_data, cfg.split, cfg.name)
+        corpus.check_columns(eval_ds, cfg.text_column, None, cfg.eval_data)
+        return ds, eval_ds, "all rows"
+    train_rows, eval_rows = split_documents(len(ds), cfg.eval_fraction, cfg.seed)
+    selection = f"all rows but a held-out {cfg.eval_fraction} of {len(ds)}, seed {cfg.seed}"
+    return ds.select(train_rows), ds.select(eval_rows), selection
+
+
+def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: int) -> list[np.ndarray]:
+    """Packed held-out sequences (remainder kept), tokenising only as many documents as `limit` needs."""
+    token_lists, n_tokens = [], 0
+    for batch in eval_ds.select_columns([text_column]).iter(batch_size=256):
+        texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
+        if texts:
+            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+                token_lists.append(ids)
+                n_tokens += len(ids) + 1
+        if n_tokens >= (limit + 1) * seq_len:
+            break
+    return pack(token_lists, tokenizer.eos_token_id, seq_len, keep_remainder=True)[:limit]
+
+
+def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, world: World) -> TokenFile:
+    """The memory-mapped training tokens: built once per node (local rank 0) and reused by later runs.
+
+    `cfg` is a PretrainConfig or DistillCacheConfig (both name the corpus and --token-cache alike).
+    """
+    cache_dir = Path(cfg.token_cache).expanduser() if cfg.token_cache else default_cache_dir()
+    meta = {
+        "source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
+        "selection": selection, "dataset_fingerprint": train_ds._fingerprint,  # datasets' hash of files + version
+        "tokenizer": tokenizer_ref, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
+    }
+    try:
+        if world.local_rank == 0:
+            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta)
+        world.barrier()
+        if world.local_rank != 0:
+            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, build_here=False)
+    except OSError as e:
+        raise RefineError(f"token cache {str(cache_dir)!r}: {e}; check --token-cache (it must be writable)") from None
+    return tokens

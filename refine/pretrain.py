@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from refine import data as corpus
 from refine import distill, models, packed
 from refine.config import PretrainConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
@@ -33,7 +32,6 @@ from refine.errors import RefineError
 from refine.flops import device_peak, matmul_params
 from refine.lm_loss import CausalLMLoss
 from refine.output import RUN_FILE, claim, run_info, write_json, write_manifest
-from refine.packed import sample_order  # noqa: F401  (part of this module's interface)
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -82,25 +80,6 @@ def total_steps(cfg: PretrainConfig, world_size: int = 1) -> int:
     return math.ceil(cfg.max_tokens / (global_batch(cfg, world_size) * cfg.seq_len))
 
 
-def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, keep_remainder: bool = False) -> list[np.ndarray]:
-    """Join documents with EOS after each and cut into `seq_len` sequences (the remainder only if asked)."""
-    stream = packed.join_with_eos(token_lists, eos_id)
-    n_full = len(stream) // seq_len
-    sequences = list(stream[: n_full * seq_len].reshape(n_full, seq_len)) if n_full else []
-    if keep_remainder and len(stream) - n_full * seq_len >= 2:
-        sequences.append(stream[n_full * seq_len :])
-    return sequences
-
-
-def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, eval rows): a seeded random eval_fraction of the documents, at least one."""
-    if n_docs < 2:
-        raise RefineError("need at least 2 documents to hold one out for evaluation; add data or give --eval-data")
-    n_eval = min(n_docs - 1, max(1, round(eval_fraction * n_docs)))
-    permutation = np.random.default_rng(seed).permutation(n_docs)
-    return np.sort(permutation[n_eval:]), np.sort(permutation[:n_eval])
-
-
 def student_config(cfg: PretrainConfig, tokenizer):
     """The architecture config, sized to the tokenizer; refuses a --seq-len beyond its positions."""
     config = models.load_model_config(cfg.model_config, cfg.trust_remote_code)
@@ -140,60 +119,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ---------------------------------------------------------------- data
-
-
-def load_splits(cfg: PretrainConfig):
-    """(train dataset, held-out dataset, description of the row selection) without reading the texts."""
-    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
-    corpus.check_columns(ds, cfg.text_column, None, cfg.data)
-    if corpus.count_blank(ds, cfg.text_column) == len(ds):
-        raise RefineError(f"all documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
-    if cfg.eval_data is not None:
-        eval_ds = corpus.load_corpus(cfg.eval_data, cfg.split, cfg.name)
-        corpus.check_columns(eval_ds, cfg.text_column, None, cfg.eval_data)
-        return ds, eval_ds, "all rows"
-    train_rows, eval_rows = split_documents(len(ds), cfg.eval_fraction, cfg.seed)
-    selection = f"all rows but a held-out {cfg.eval_fraction} of {len(ds)}, seed {cfg.seed}"
-    return ds.select(train_rows), ds.select(eval_rows), selection
-
-
-def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: int) -> list[np.ndarray]:
-    """Packed held-out sequences (remainder kept), tokenising only as many documents as `limit` needs."""
-    token_lists, n_tokens = [], 0
-    for batch in eval_ds.select_columns([text_column]).iter(batch_size=256):
-        texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
-        if texts:
-            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-                token_lists.append(ids)
-                n_tokens += len(ids) + 1
-        if n_tokens >= (limit + 1) * seq_len:
-            break
-    return pack(token_lists, tokenizer.eos_token_id, seq_len, keep_remainder=True)[:limit]
-
-
-def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, world: World) -> packed.TokenFile:
-    """The memory-mapped training tokens: built once per node (local rank 0) and reused by later runs.
-
-    `cfg` is a PretrainConfig or DistillCacheConfig (both name the corpus and --token-cache alike).
-    """
-    cache_dir = Path(cfg.token_cache).expanduser() if cfg.token_cache else packed.default_cache_dir()
-    meta = {
-        "source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
-        "selection": selection, "dataset_fingerprint": train_ds._fingerprint,  # datasets' hash of files + version
-        "tokenizer": tokenizer_ref, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
-    }
-    try:
-        if world.local_rank == 0:
-            tokens = packed.open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta)
-        world.barrier()
-        if world.local_rank != 0:
-            tokens = packed.open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, build_here=False)
-    except OSError as e:
-        raise RefineError(f"token cache {str(cache_dir)!r}: {e}; check --token-cache (it must be writable)") from None
-    return tokens
 
 
 # ---------------------------------------------------------------- model wrapping
@@ -400,11 +325,11 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
     model_config = student_config(cfg, tokenizer)
-    train_ds, eval_ds, selection = load_splits(cfg)
-    held_out = eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences)
+    train_ds, eval_ds, selection = packed.load_splits(cfg)
+    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences)
     if not held_out:
         raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
-    tokens = token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
+    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")

@@ -15,7 +15,6 @@ Runs in one process (the exact pass alone may use torchrun by running `refine sc
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -102,7 +101,7 @@ def proxy_score(cfg) -> dict:
 def _proxy_score(cfg) -> dict:
     from scipy.stats import spearmanr
 
-    from refine.score import score, start_token_id
+    from refine.score import score
 
     started = time.time()
     output = Path(cfg.output).expanduser().absolute()
@@ -133,7 +132,7 @@ def _proxy_score(cfg) -> dict:
 
     # 2. the proxy: reference body + regression head, on the first window of each document
     tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
-    start = start_token_id(tokenizer, cfg.reference)
+    start = models.start_token_id(tokenizer, cfg.reference)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
 

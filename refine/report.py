@@ -14,7 +14,7 @@ from refine import data as corpus
 from refine.config import ReportConfig
 from refine.errors import RefineError
 from refine.output import claim_file, write_text
-from refine.sample import _check_same_corpus, read_scores, select_top_fraction, selection_keys
+from refine.sample import open_scored_corpus, read_scores, select_top_fraction, selection_keys
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -49,7 +49,7 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict]:
         if cfg.group_column:
             raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
         return frame, manifest
-    ds = _check_same_corpus(cfg.data or spec["source"], spec)
+    ds = open_scored_corpus(cfg.data or spec["source"], spec)
     if cfg.group_column and cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
     ids = corpus.document_ids(ds, spec["id_column"])

@@ -85,7 +85,7 @@ def sample(cfg: SampleConfig) -> dict:
         kept_scores = scores.take(kept)
         if score_manifest["settings"]["unit"] == "chunk":
             if cfg.data is not None:
-                _check_same_corpus(cfg.data, data_spec)
+                open_scored_corpus(cfg.data, data_spec)
             refined = kept_scores
         else:
             refined = _join_documents(source, data_spec, kept_scores)
@@ -118,7 +118,8 @@ def _stats(values: np.ndarray) -> dict:
             **{f"q{int(q * 100):02d}": float(v) for q, v in zip([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], quantiles)}}
 
 
-def _check_same_corpus(source: str, data_spec: dict):
+def open_scored_corpus(source: str, data_spec: dict):
+    """The corpus at `source`, refused unless it is the one the scores' manifest (`data_spec`) describes."""
     ds = corpus.load_corpus(source, data_spec["split"], data_spec["name"])
     corpus.check_columns(ds, data_spec["text_column"], data_spec["id_column"], source)
     if len(ds) != data_spec["n_rows"]:
@@ -136,7 +137,7 @@ def _check_same_corpus(source: str, data_spec: dict):
 
 def _join_documents(source: str, data_spec: dict, kept_scores: pa.Table) -> pa.Table:
     """Original rows of the kept documents (in corpus order) with the score columns beside them."""
-    ds = _check_same_corpus(source, data_spec)
+    ds = open_scored_corpus(source, data_spec)
     id_column = data_spec["id_column"]
     kept_ids = kept_scores.column("id").to_pylist()
     if id_column is None:

@@ -187,8 +187,8 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
         )
     if not same_tokenizer and cfg.unit == "chunk":
         raise RefineError("chunks are cut from the teacher's tokens, which the reference cannot read; use --unit document")
-    start_id = start_token_id(tokenizer, cfg.teacher)
-    ref_start_id = start_id if same_tokenizer else start_token_id(ref_tokenizer, cfg.reference)
+    start_id = models.start_token_id(tokenizer, cfg.teacher)
+    ref_start_id = start_id if same_tokenizer else models.start_token_id(ref_tokenizer, cfg.reference)
     run = {
         "settings": result_settings(cfg),  # device, process count and batch budget do not change the scores
         "data_fingerprint": fingerprint,
@@ -374,11 +374,3 @@ def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, bu
     }
     chunk_ids = [f"s{shard_index:06d}c{k:06d}" for k in range(len(chunks))]
     return score_table(chunk_ids, [len(c) - 1 for c in chunks], teacher_lp, ref_lp, pa.string(), extra)
-
-
-def start_token_id(tokenizer, ref: str) -> int:
-    """The token every scored sequence starts from (BOS, else EOS), as unscored context."""
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start_id is None:
-        raise RefineError(f"tokenizer of {ref!r} has neither a BOS nor an EOS token; refine needs one of them")
-    return start_id

@@ -60,7 +60,8 @@ def main() -> None:
     from refine.config import DistillCacheConfig, PretrainConfig
     from refine.distill import build_cache
     from refine.offline_corpus import build_corpus
-    from refine.pretrain import pack, pretrain
+    from refine.packed import pack
+    from refine.pretrain import pretrain
 
     n_docs, teacher_steps, student_steps = (500, 150, 60) if args.quick else (1500, 600, 200)
     started = time.time()

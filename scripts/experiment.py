@@ -112,7 +112,8 @@ def per_domain_loss(model_dir: Path, eval_path: Path, tokenizer_dir: Path) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refine.pretrain import evaluate, pack
+    from refine.packed import pack
+    from refine.pretrain import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TINY, small_tokenizer
 from refine.config import PretrainConfig
 from refine.errors import RefineError
-from refine.pretrain import pack, pretrain, sample_order, split_documents
+from refine.packed import pack, sample_order, split_documents
+from refine.pretrain import pretrain
 
 TEXTS = [f"Document {i}: " + " ".join(f"word{j * i % 17}" for j in range(30 + i)) for i in range(40)]
 
