@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
@@ -127,6 +128,37 @@ def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, de
         finished = set(done)
         remaining = [i for i in remaining if i not in finished]
     return totals
+
+
+class TextProgress:
+    """One bar for the whole run, measured in bytes of text, so its total (and the ETA) is known before anything
+    is tokenized; scored tokens advance it at the byte/token ratio of the shard in hand."""
+
+    def __init__(self, bar):
+        self.bar, self.shard_bytes, self.done, self.bytes_per_token = bar, 0, 0.0, 0.0
+
+    def start_shard(self, n_bytes: int) -> None:
+        self.shard_bytes, self.done = n_bytes, 0.0
+
+    def expect(self, n_tokens: int) -> None:
+        self.bytes_per_token = self.shard_bytes / max(n_tokens, 1)
+
+    def update(self, n_tokens: int) -> None:
+        step = min(n_tokens * self.bytes_per_token, self.shard_bytes - self.done)
+        self.done += step
+        self.bar.update(step)
+
+    def finish_shard(self) -> None:
+        self.bar.update(self.shard_bytes - self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _text_bytes(ds, text_column: str, ranges) -> int:
+    """UTF-8 bytes of the text in these row ranges, from Arrow's offsets (no text is decoded)."""
+    table = ds.select_columns([text_column]).with_format("arrow")
+    return sum(int(pc.sum(pc.binary_length(table[first:last][text_column])).as_py() or 0) for first, last in ranges)
 
 
 def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: dict | None = None,
@@ -259,7 +291,8 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
     shard_path = lambda first, last: output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
     todo = [(k, first, last) for k, first, last in shards if world.owns(k) and not shard_path(first, last).exists()]
     budget = TokenBudget(cfg.max_tokens_per_batch, cfg.max_length, device)
-    progress = tqdm(total=0, unit="tok", desc="scoring", dynamic_ncols=True, disable=not world.is_main)
+    progress = TextProgress(tqdm(total=_text_bytes(ds, cfg.text_column, [(f, l) for _, f, l in todo]), unit="B",
+                                 unit_scale=True, desc="scoring", dynamic_ncols=True, disable=not world.is_main))
 
     def tokenize_shard(first: int, last: int):
         texts = ds[first:last][cfg.text_column]
@@ -278,6 +311,7 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
             rows, (token_ids, ref_ids, n_bytes) = pending.result()
             if position + 1 < len(todo):
                 pending = pool.submit(tokenize_shard, *todo[position + 1][1:])
+            progress.start_shard(_text_bytes(ds, cfg.text_column, [(first, last)]))
             if cfg.unit == "document":
                 table = _score_documents([ids[first + i] for i in rows], token_ids, start_id, teacher, reference,
                                          cfg, budget, progress, id_type, n_bytes, normalize,
@@ -285,6 +319,7 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
             else:
                 table = _score_chunks(k, token_ids, tokenizer, teacher, reference, cfg, budget, progress)
             write_parquet(shard_path(first, last), table)
+            progress.finish_shard()
     progress.close()
     world.barrier()
     if not world.is_main:
@@ -342,15 +377,13 @@ def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budg
     """Per document log-prob sums; with `own_reference_tokens` (ids, start id) the reference reads its own tokens."""
     windows, owner = _windows(token_ids, start_id, cfg.max_length)
     if own_reference_tokens is None:
-        progress.total += sum(len(w) - 1 for w in windows)
-        progress.refresh()
+        progress.expect(sum(len(w) - 1 for w in windows))
         window_teacher, window_ref = score_sequences([teacher, reference], windows, budget, teacher.device, progress)
         ref_owner, ref_counts = owner, [len(t) for t in token_ids]
     else:
         ref_ids, ref_start = own_reference_tokens
         ref_windows, ref_owner = _windows(ref_ids, ref_start, cfg.max_length)
-        progress.total += sum(len(w) - 1 for w in windows) + sum(len(w) - 1 for w in ref_windows)
-        progress.refresh()
+        progress.expect(sum(len(w) - 1 for w in windows) + sum(len(w) - 1 for w in ref_windows))
         (window_teacher,) = score_sequences([teacher], windows, budget, teacher.device, progress)
         (window_ref,) = score_sequences([reference], ref_windows, budget, reference.device, progress)
         ref_counts = [len(t) for t in ref_ids]
@@ -365,8 +398,7 @@ def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budg
 
 def _score_chunks(shard_index, token_ids, tokenizer, teacher, reference, cfg, budget, progress) -> pa.Table:
     chunks = corpus_chunks(token_ids, tokenizer.eos_token_id, cfg.max_length)
-    progress.total += sum(len(c) - 1 for c in chunks)
-    progress.refresh()
+    progress.expect(sum(len(c) - 1 for c in chunks))
     teacher_lp, ref_lp = score_sequences([teacher, reference], chunks, budget, teacher.device, progress)
     extra = {
         cfg.text_column: pa.array(tokenizer.batch_decode(chunks), type=pa.string()),
