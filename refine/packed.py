@@ -24,7 +24,7 @@ from refine import data as corpus
 from refine import models
 from refine.distributed import World
 from refine.errors import RefineError
-from refine.output import write_json
+from refine.output import MANIFEST, output_stage, write_json
 
 TOKENS = "tokens.bin"
 META = "meta.json"
@@ -72,8 +72,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_size: int = 1000) -> TokenFile:
+def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_size: int = 1000,
+          token_column: str | None = None) -> TokenFile:
     """Tokenise `ds[text_column]` batch by batch into directory/tokens.bin (skipping blank documents).
+
+    With `token_column` (scored chunks that already hold their token ids, EOS separators included) those
+    ids are written as they are, so the student trains on exactly the tokens that were scored.
 
     The stream goes to a temporary file that is renamed into place and meta.json comes last, so a killed
     build leaves nothing that looks finished; concurrent builders (one per node) each use their own temp file.
@@ -84,17 +88,14 @@ def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_si
     temp = directory / f"{TOKENS}.{socket.gethostname()}.{os.getpid()}.tmp"
     n_tokens = n_docs = 0
     started = time.time()
-    column = ds.select_columns([text_column])
+    read = token_column or text_column
     with open(temp, "wb") as f, tqdm(total=len(ds), desc="tokenize", unit="doc", dynamic_ncols=True) as progress:
-        for batch in column.iter(batch_size=batch_size):
-            texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
-            if texts:
-                ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-                stream = join_with_eos(ids, eos, dtype)
-                f.write(stream.tobytes())
-                n_tokens += len(stream)
-                n_docs += len(texts)
-            progress.update(len(batch[text_column]))
+        for batch in ds.select_columns([read]).iter(batch_size=batch_size):
+            stream, n = _batch_stream(batch[read], tokenizer, dtype, token_column is not None)
+            f.write(stream.tobytes())
+            n_tokens += len(stream)
+            n_docs += n
+            progress.update(len(batch[read]))
     temp.replace(directory / TOKENS)
     write_json(directory / META, {**meta, "dtype": dtype.name, "n_tokens": n_tokens, "n_documents": n_docs,
                                   "eos_token_id": eos, "vocab_size": len(tokenizer), "format": FORMAT_VERSION,
@@ -102,15 +103,28 @@ def build(directory: Path, ds, text_column: str, tokenizer, meta: dict, batch_si
     return TokenFile.open(directory)
 
 
-def open_or_build(cache_dir: Path, ds, text_column: str, tokenizer, meta: dict, build_here: bool = True) -> TokenFile:
+def _batch_stream(values: list, tokenizer, dtype, are_token_ids: bool) -> tuple[np.ndarray, int]:
+    """(tokens, documents) of one batch: texts tokenised and each followed by EOS, or token ids as they are."""
+    if are_token_ids:
+        return np.fromiter((t for ids in values for t in ids), dtype=dtype), len(values)
+    texts = [t for t in values if not corpus.is_blank(t)]
+    if not texts:
+        return np.zeros(0, dtype=dtype), 0
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return join_with_eos(ids, tokenizer.eos_token_id, dtype), len(texts)
+
+
+def open_or_build(cache_dir: Path, ds, text_column: str, tokenizer, meta: dict, build_here: bool = True,
+                  token_column: str | None = None) -> TokenFile:
     """The token file for this corpus selection and tokenizer: reused when one exists, else built (if build_here)."""
-    key = cache_key(meta["dataset_fingerprint"], meta["tokenizer_fingerprint"], text_column, meta["selection"])
+    key = cache_key(meta["dataset_fingerprint"], meta["tokenizer_fingerprint"], token_column or text_column,
+                    meta["selection"])
     directory = cache_dir / key
     if (directory / META).exists():
         return TokenFile.open(directory)
     if not build_here:
         raise FileNotFoundError(directory / META)
-    return build(directory, ds, text_column, tokenizer, meta)
+    return build(directory, ds, text_column, tokenizer, meta, token_column=token_column)
 
 
 @functools.lru_cache(maxsize=2)
@@ -169,18 +183,35 @@ def load_splits(cfg):
     return ds.select(train_rows), ds.select(eval_rows), selection
 
 
-def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: int) -> list[np.ndarray]:
+def eval_sequences(eval_ds, text_column: str, tokenizer, seq_len: int, limit: int,
+                   token_column: str | None = None) -> list[np.ndarray]:
     """Packed held-out sequences (remainder kept), tokenising only as many documents as `limit` needs."""
-    token_lists, n_tokens = [], 0
-    for batch in eval_ds.select_columns([text_column]).iter(batch_size=256):
-        texts = [t for t in batch[text_column] if not corpus.is_blank(t)]
-        if texts:
-            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-                token_lists.append(ids)
-                n_tokens += len(ids) + 1
+    streams, n_tokens = [], 0
+    read = token_column or text_column
+    for batch in eval_ds.select_columns([read]).iter(batch_size=256):
+        stream, _ = _batch_stream(batch[read], tokenizer, np.int64, token_column is not None)
+        streams.append(stream)
+        n_tokens += len(stream)
         if n_tokens >= (limit + 1) * seq_len:
             break
-    return pack(token_lists, tokenizer.eos_token_id, seq_len, keep_remainder=True)[:limit]
+    stream = np.concatenate(streams) if streams else np.zeros(0, dtype=np.int64)
+    n_full = len(stream) // seq_len
+    sequences = list(stream[: n_full * seq_len].reshape(n_full, seq_len)) if n_full else []
+    if len(stream) - n_full * seq_len >= 2:
+        sequences.append(stream[n_full * seq_len :])
+    return sequences[:limit]
+
+
+def scored_token_column(source: str, ds, tokenizer) -> str | None:
+    """`input_ids` when `source` is a refined set of scored chunks (`refine score --unit chunk`) made with this
+    tokenizer: the student then trains on the very tokens that were scored, not a re-tokenisation of their text."""
+    path = Path(source).expanduser()
+    if output_stage(path) != "sample" or "input_ids" not in ds.column_names:
+        return None
+    scores = json.loads((path / MANIFEST).read_text())["scores"]
+    if scores["settings"]["unit"] != "chunk" or scores["tokenizer"]["fingerprint"] != models.tokenizer_fingerprint(tokenizer):
+        return None
+    return "input_ids"
 
 
 def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, world: World) -> TokenFile:
@@ -194,12 +225,14 @@ def token_file(cfg, train_ds, selection: str, tokenizer, tokenizer_ref: str, wor
         "selection": selection, "dataset_fingerprint": train_ds._fingerprint,  # datasets' hash of files + version
         "tokenizer": tokenizer_ref, "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
     }
+    token_column = scored_token_column(cfg.data, train_ds, tokenizer)
     try:
         if world.local_rank == 0:
-            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta)
+            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, token_column=token_column)
         world.barrier()
         if world.local_rank != 0:
-            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, build_here=False)
+            tokens = open_or_build(cache_dir, train_ds, cfg.text_column, tokenizer, meta, build_here=False,
+                                   token_column=token_column)
     except OSError as e:
         raise RefineError(f"token cache {str(cache_dir)!r}: {e}; check --token-cache (it must be writable)") from None
     return tokens

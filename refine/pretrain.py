@@ -326,7 +326,8 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
         raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
     model_config = student_config(cfg, tokenizer)
     train_ds, eval_ds, selection = packed.load_splits(cfg)
-    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences)
+    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
+                                     packed.scored_token_column(cfg.eval_data or cfg.data, eval_ds, tokenizer))
     if not held_out:
         raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
     tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
