@@ -138,7 +138,7 @@ class PushConfig:
 class PretrainConfig(CorpusArgs):
     data: Optional[str] = required("Training corpus (any DATA form that `refine score` accepts; e.g. a refined directory).")
     model_config: Optional[str] = required(
-        "Student architecture: a preset name from configs/models (e.g. qwen-200m, tiny-llama), a config.json, "
+        "Student architecture: a preset shipped with refine (e.g. qwen-200m, tiny-llama), a config.json, "
         "a model directory or a hub id (config only; weights start from scratch)."
     )
     tokenizer: Optional[str] = required("Tokenizer: hub id, local directory or .gguf file.")

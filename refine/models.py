@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,8 @@ import torch
 from refine import output
 from refine.errors import RefineError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+# Package data, so a wheel install keeps `--model-config qwen-200m`. A Traversable, not necessarily a Path.
+PRESET_DIR = files("refine") / "presets"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -177,20 +179,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    """Names of the model presets shipped in refine/presets (each a `<name>.json`)."""
+    return sorted(p.name.removesuffix(".json") for p in PRESET_DIR.iterdir() if p.name.endswith(".json"))
 
 
 def load_model_config(ref: str, trust_remote_code: bool = False):
     """A `transformers` config from a preset name, a config.json, a model directory or a hub id."""
     from transformers import AutoConfig
 
-    preset = PRESET_DIR / f"{ref}.json"
     path = Path(ref).expanduser()
-    if preset.is_file():
-        path = preset
-    if path.is_file():
+    if ref in list_presets():  # a preset name wins over a local file of the same name
+        text = (PRESET_DIR / f"{ref}.json").read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        text = None
+    if text is not None:
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(text)
         except json.JSONDecodeError as e:
             raise RefineError(f"model config {ref!r} is not valid JSON ({e}); fix the file") from None
         model_type = values.pop("model_type", None)

@@ -1,4 +1,4 @@
-"""Print the parameter count of every model preset in configs/models (built on the meta device, no memory)."""
+"""Print the parameter count of every model preset in refine/presets (built on the meta device, no memory)."""
 
 import torch
 from transformers import AutoModelForCausalLM
