@@ -198,9 +198,3 @@ class CausalLMLoss(torch.nn.Module):
         total = linear_cross_entropy_sum(hidden, weight, targets, self.chunk_bytes, compute_dtype, teacher,
                                          self.kd_weight, self.kd_temperature)
         return total / n_targets
-
-
-def reference_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The straightforward computation the lean loss must equal: full logits, log-softmax, mean NLL."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))

@@ -287,10 +287,9 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, loss_module, model, optimiz
 # ---------------------------------------------------------------- the run
 
 
-def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
+def pretrain(cfg: PretrainConfig) -> dict:
     """Train a model from scratch on `cfg.data`; save it (safetensors + tokenizer) to `cfg.output`.
 
-    `stop_after_step` ends the run early, as a crash would, after that step's checkpoint (for tests).
     Under torchrun every rank calls this; rank 0 writes the files and returns the manifest.
     """
     validate(cfg)
@@ -300,7 +299,7 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
         claimed = world.on_main(lambda: claim(cfg.output, "pretrain", inputs, cfg.overwrite))
         try:
             world.barrier()
-            return _pretrain(cfg, world, stop_after_step)
+            return _pretrain(cfg, world)
         finally:
             if claimed is not None:
                 claimed.release()
@@ -308,7 +307,7 @@ def pretrain(cfg: PretrainConfig, stop_after_step: int | None = None) -> dict:
         close_world(world)
 
 
-def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) -> dict:
+def _pretrain(cfg: PretrainConfig, world: World) -> dict:
     started = time.time()
     output = Path(cfg.output).expanduser().absolute()
     checkpoint = find_checkpoint(output)
@@ -429,9 +428,6 @@ def _pretrain(cfg: PretrainConfig, world: World, stop_after_step: int | None) ->
         progress.update(1)
         if step % cfg.save_every == 0 or step == steps:
             save_checkpoint(output, loss_module, model, optimizer, scheduler, step, cfg, world)
-        if stop_after_step is not None and step >= stop_after_step and step < steps:
-            progress.close()
-            return {"stopped_at_step": step}
     progress.close()
 
     manifest = {

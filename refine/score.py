@@ -100,12 +100,6 @@ class TokenBudget:
         tqdm.write(f"out of GPU memory: token budget per batch halved to {self.tokens}")
 
 
-def sequence_logprobs(model, sequences: list[list[int]], max_tokens_per_batch: int | None, device) -> np.ndarray:
-    """Sum of log p(token | prefix) over tokens 1.. of each sequence (token 0 is context), as float64."""
-    budget = TokenBudget(max_tokens_per_batch, max(len(s) for s in sequences), torch.device(device))
-    return score_sequences([model], sequences, budget, torch.device(device))[0]
-
-
 def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, device, progress=None) -> list[np.ndarray]:
     """Per model, the log-prob sum of each sequence; all models read the same padded batches."""
     totals = [np.zeros(len(sequences), dtype=np.float64) for _ in models_]

@@ -105,3 +105,30 @@ def tiny_run(tmp_path_factory, teacher_dir, reference_dir):
                       output=str(root / "scores"), max_length=16))
     sample(SampleConfig(scores=str(root / "scores"), output=str(root / "out"), alpha=0.5, shard_size_mb=1))
     return root
+
+
+def reference_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The straightforward computation the lean loss must equal: full logits, log-softmax, mean NLL."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def pretrain_until_crash(cfg, monkeypatch, after_step: int) -> None:
+    """Run `refine pretrain` and crash it right after the first checkpoint at or past `after_step` is saved."""
+    import refine.pretrain as stage
+
+    save = stage.save_checkpoint
+
+    def save_then_crash(output, loss_module, model, optimizer, scheduler, step, *args):
+        save(output, loss_module, model, optimizer, scheduler, step, *args)
+        if step >= after_step:
+            raise SimulatedCrash(step)
+
+    monkeypatch.setattr(stage, "save_checkpoint", save_then_crash)
+    with pytest.raises(SimulatedCrash):
+        stage.pretrain(cfg)
+    monkeypatch.setattr(stage, "save_checkpoint", save)

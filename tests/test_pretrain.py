@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, small_tokenizer
+from conftest import TINY, pretrain_until_crash, small_tokenizer
 from refine.config import PretrainConfig
 from refine.errors import RefineError
 from refine.packed import pack, sample_order, split_documents
@@ -70,14 +70,13 @@ def test_every_family_trains_and_saves_a_loadable_model(tmp_path, train_file, to
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_resume_continues_the_same_run(tmp_path, train_file, tokenizer_dir):
+def test_resume_continues_the_same_run(tmp_path, train_file, tokenizer_dir, monkeypatch):
     model_config = tiny_config_file(tmp_path, "llama")
     straight = tmp_path / "straight"
     pretrain(config(train_file, tokenizer_dir, model_config, straight, max_steps=6, grad_accum=2))
     interrupted = tmp_path / "interrupted"
-    stopped = pretrain(config(train_file, tokenizer_dir, model_config, interrupted, max_steps=6, grad_accum=2),
-                       stop_after_step=3)
-    assert stopped == {"stopped_at_step": 3}
+    pretrain_until_crash(config(train_file, tokenizer_dir, model_config, interrupted, max_steps=6, grad_accum=2),
+                         monkeypatch, after_step=3)
     assert not (interrupted / "manifest.json").exists() and not (interrupted / "model.safetensors").exists()
     with pytest.raises(RefineError, match="--resume"):
         pretrain(config(train_file, tokenizer_dir, model_config, interrupted, max_steps=6, grad_accum=2))
@@ -91,12 +90,12 @@ def test_resume_continues_the_same_run(tmp_path, train_file, tokenizer_dir):
     assert [r["loss"] for r in log(interrupted)] == pytest.approx([r["loss"] for r in log(straight)], abs=1e-6)
 
 
-def test_a_run_killed_in_its_first_checkpoint_can_be_rerun(tmp_path, train_file, tokenizer_dir):
+def test_a_run_killed_in_its_first_checkpoint_can_be_rerun(tmp_path, train_file, tokenizer_dir, monkeypatch):
     """Killed while writing its first checkpoint: neither a plain rerun nor --resume may send the user in circles."""
     model_config = tiny_config_file(tmp_path, "llama")
     for resume in (False, True):
         out = tmp_path / f"out-{resume}"
-        pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4), stop_after_step=2)
+        pretrain_until_crash(config(train_file, tokenizer_dir, model_config, out, max_steps=4), monkeypatch, 2)
         (out / "checkpoint").rename(out / "checkpoint.tmp")  # as if killed before the staged checkpoint was swapped in
         (out / "checkpoint.tmp" / "trainer_state.pt").unlink()
         manifest = pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4, resume=resume))
@@ -114,10 +113,10 @@ def test_foreign_files_in_a_pretrain_output_are_never_deleted(tmp_path, train_fi
     assert pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=2, overwrite=True))["steps"] == 2
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, train_file, tokenizer_dir):
+def test_resume_with_other_settings_is_refused(tmp_path, train_file, tokenizer_dir, monkeypatch):
     model_config = tiny_config_file(tmp_path, "llama")
     out = tmp_path / "out"
-    pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=6), stop_after_step=2)
+    pretrain_until_crash(config(train_file, tokenizer_dir, model_config, out, max_steps=6), monkeypatch, 2)
     with pytest.raises(RefineError, match="lr"):
         pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=6, lr=1e-3, resume=True))
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY, small_tokenizer, tiny_model
+from conftest import TINY, pretrain_until_crash, reference_loss, small_tokenizer, tiny_model
 from refine import packed
 from refine.config import PretrainConfig
 from refine.errors import RefineError
-from refine.lm_loss import CausalLMLoss, linear_cross_entropy_sum, reference_loss
+from refine.lm_loss import CausalLMLoss, linear_cross_entropy_sum
 from refine.models import list_presets, load_model_config
 from refine.pretrain import pretrain
 
@@ -204,9 +204,9 @@ def test_fsdp_run_killed_and_resumed_matches_an_uninterrupted_one(setup, tmp_pat
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0)
 
 
-def test_resume_with_another_global_batch_is_refused(setup, tmp_path):
+def test_resume_with_another_global_batch_is_refused(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    pretrain(PretrainConfig(**args(setup, out)), stop_after_step=2)
+    pretrain_until_crash(PretrainConfig(**args(setup, out)), monkeypatch, after_step=2)
     with pytest.raises(RefineError, match="global batch"):
         pretrain(PretrainConfig(**args(setup, out, micro_batch_size=2, resume=True)))
 
