@@ -67,7 +67,7 @@ def scores_card(manifest: dict, data_pattern: str) -> str:
         + f"\n# Scores of `{public_name(data['source'])}` by refine\n\n"
         + "Per-instance log-probabilities under a teacher and a reference LM (MiniPLM difference sampling). "
         + "Columns: `id, n_tokens, teacher_logprob, ref_logprob, score` (and, for documents, `n_bytes`), with "
-        + (f"`score = (teacher_logprob - ref_logprob) / n_bytes`: each model read its own tokenization, "
+        + ("`score = (teacher_logprob - ref_logprob) / n_bytes`: each model read its own tokenization, "
            "`n_tokens` and `ref_n_tokens` are the teacher's and the reference's token counts (natural log).\n\n"
            if manifest.get("normalize") == "bytes" else "`score = (teacher_logprob - ref_logprob) / n_tokens` (natural log).\n\n")
         + f"- teacher: {_model_line(manifest['teacher'])}\n- reference: {_model_line(manifest['reference'])}\n"
