@@ -14,8 +14,9 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -307,6 +308,96 @@ def pretrain(cfg: PretrainConfig) -> dict:
         close_world(world)
 
 
+@dataclass
+class TrainData:
+    """The tokenizer, the memory-mapped training sequences and the held-out sequences of a run."""
+
+    tokenizer: Any
+    tokens: packed.TokenFile
+    n_sequences: int
+    held_out: list
+
+
+@dataclass
+class Trainer:
+    """Everything one optimizer step touches: the model (wrapped for the loss), optimizer, schedule, KD teacher."""
+
+    model: Any
+    loss_module: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    steps: int
+    kd_teacher: Any = None
+    kd_cache: Any = None
+
+
+def setup_data(cfg: PretrainConfig, world: World) -> TrainData:
+    """Tokenise and pack the corpus once into a memory-mapped file (reused later); pack the held-out set."""
+    tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
+    train_ds, eval_ds, selection = packed.load_splits(cfg)
+    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
+                                     packed.scored_token_column(cfg.eval_data or cfg.data, eval_ds, tokenizer))
+    if not held_out:
+        raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
+    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
+    n_sequences = tokens.n_sequences(cfg.seq_len)
+    if n_sequences == 0:
+        raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")
+    return TrainData(tokenizer, tokens, n_sequences, held_out)
+
+
+def setup_trainer(cfg: PretrainConfig, world: World, data: TrainData, model_config) -> Trainer:
+    """The model on its device (wrapped for DDP/FSDP), AdamW, the warmup-cosine schedule and the KD source."""
+    device = models.resolve_device(rank_device(cfg.device, world))
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    model = build_model(cfg, model_config).to(device)
+    model.train()
+    kd_teacher = kd_cache = None
+    if cfg.kd_teacher:
+        kd_teacher = distill.load_teacher(cfg.kd_teacher, None, data.tokenizer, dtype, device, cfg.trust_remote_code)
+    if cfg.kd_cache:
+        kd_cache = distill.open_cache(cfg.kd_cache)
+        kd_cache.check_matches(data.tokens, cfg.seq_len, models.tokenizer_fingerprint(data.tokenizer), cfg.kd_cache)
+    loss_module = wrap_model(model, cfg, world, device, kd=kd_teacher is not None or kd_cache is not None)
+    torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))  # dropout: its own stream per rank
+    steps = total_steps(cfg, world.world_size)
+    optimizer = make_optimizer(loss_module, cfg, device)
+    warmup = min(cfg.warmup_steps, steps // 10)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=cfg.min_lr_ratio)
+    return Trainer(model, loss_module, optimizer, scheduler, device, dtype, steps, kd_teacher, kd_cache)
+
+
+def train_step(trainer: Trainer, data: TrainData, cfg: PretrainConfig, world: World, step: int) -> tuple[torch.Tensor, float]:
+    """One optimizer step: this rank runs grad_accum micro-batches of its slice of the global batch.
+
+    Returns (this rank's loss summed over its micro-batches, the gradient norm before clipping).
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for micro in range(cfg.grad_accum):
+        position = (step * cfg.grad_accum + micro) * cfg.micro_batch_size * world.world_size
+        rows = packed.sample_order(position + world.rank * cfg.micro_batch_size, cfg.micro_batch_size,
+                                   data.n_sequences, cfg.seed)
+        batch = torch.from_numpy(data.tokens.batch(rows, cfg.seq_len)).to(trainer.device, non_blocking=True)  # (B, T)
+        with no_sync(trainer.loss_module, micro == cfg.grad_accum - 1):
+            with autocast(trainer.device, trainer.dtype):
+                teacher = (distill.teacher_signal(trainer.kd_teacher, batch, len(data.tokenizer))
+                           if trainer.kd_teacher is not None
+                           else trainer.kd_cache.teacher(rows, trainer.device) if trainer.kd_cache is not None else None)
+                loss = trainer.loss_module(batch, teacher) / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.detach().double().cpu()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.loss_module.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, float(grad_norm)
+
+
 def _pretrain(cfg: PretrainConfig, world: World) -> dict:
     started = time.time()
     output = Path(cfg.output).expanduser().absolute()
@@ -319,106 +410,42 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
     if cfg.resume and checkpoint is None and world.is_main:  # e.g. killed before its first checkpoint
         tqdm.write(f"no checkpoint in {cfg.output!r} yet; starting from step 0")
 
-    # ---- data: tokenised and packed once into a memory-mapped file; a held-out set
-    tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
-    model_config = student_config(cfg, tokenizer)
-    train_ds, eval_ds, selection = packed.load_splits(cfg)
-    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
-                                     packed.scored_token_column(cfg.eval_data or cfg.data, eval_ds, tokenizer))
-    if not held_out:
-        raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
-    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
-    n_sequences = tokens.n_sequences(cfg.seq_len)
-    if n_sequences == 0:
-        raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")
-
-    # ---- model, optimizer, schedule
-    device = models.resolve_device(rank_device(cfg.device, world))
-    dtype = models.resolve_dtype(cfg.dtype, device)
-    model = build_model(cfg, model_config).to(device)
-    model.train()
-    kd_teacher = kd_cache = None
-    if cfg.kd_teacher:
-        kd_teacher = distill.load_teacher(cfg.kd_teacher, None, tokenizer, dtype, device, cfg.trust_remote_code)
-    if cfg.kd_cache:
-        kd_cache = distill.open_cache(cfg.kd_cache)
-        kd_cache.check_matches(tokens, cfg.seq_len, models.tokenizer_fingerprint(tokenizer), cfg.kd_cache)
-    loss_module = wrap_model(model, cfg, world, device, kd=kd_teacher is not None or kd_cache is not None)
-    torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))  # dropout: its own stream per rank
-    steps = total_steps(cfg, world.world_size)
-    optimizer = make_optimizer(loss_module, cfg, device)
-    warmup = min(cfg.warmup_steps, steps // 10)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=cfg.min_lr_ratio)
-    step = load_checkpoint(checkpoint, cfg, loss_module, model, optimizer, scheduler, world) if checkpoint else 0
+    # ---- set up: data, model, optimizer, schedule; the checkpoint to continue from
+    data = setup_data(cfg, world)
+    trainer = setup_trainer(cfg, world, data, student_config(cfg, data.tokenizer))
+    steps, device = trainer.steps, trainer.device
+    step = (load_checkpoint(checkpoint, cfg, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler,
+                            world) if checkpoint else 0)
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(output / METRICS, step)
-
-    batch_sequences = global_batch(cfg, world.world_size)
-    tokens_per_step = batch_sequences * cfg.seq_len
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * matmul_params(model)
-    peak, peak_source = ((cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else device_peak(device, dtype))
+    tokens_per_step = global_batch(cfg, world.world_size) * cfg.seq_len
+    flops_per_token = 6 * matmul_params(trainer.model)
+    peak, peak_source = ((cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops
+                         else device_peak(device, trainer.dtype))
     if world.is_main:
-        tqdm.write(
-            f"training {model.config.model_type} ({n_params / 1e6:.2f}M params) on {world.world_size} process(es) "
-            f"[{'FSDP' if cfg.fsdp and world.world_size > 1 else 'DDP' if world.world_size > 1 else 'single'}, "
-            f"{device.type}, {str(dtype).removeprefix('torch.')}]: {steps} steps x global batch {batch_sequences} "
-            f"(micro {cfg.micro_batch_size} x accum {cfg.grad_accum} x {world.world_size}) x {cfg.seq_len} tokens "
-            f"= {steps * tokens_per_step:,} tokens over {n_sequences:,} packed sequences "
-            f"({steps * batch_sequences / n_sequences:.2f} epochs); {len(held_out)} held-out sequences; "
-            f"{_kd_summary(cfg) if kd_teacher is not None or kd_cache is not None else 'no distillation'}; "
-            f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})"
-        )
+        tqdm.write(_plan_line(cfg, world, trainer, data, peak, peak_source))
+
+    # ---- the loop: step, then evaluate, log and checkpoint on their schedules
     progress = tqdm(total=steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not world.is_main)
     eval_loss = None
     window_start, window_tokens = time.time(), 0
     while step < steps:
-        # ---- one optimizer step: each rank runs grad_accum micro-batches of its slice of the global batch
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for micro in range(cfg.grad_accum):
-            position = (step * cfg.grad_accum + micro) * cfg.micro_batch_size * world.world_size
-            rows = packed.sample_order(position + world.rank * cfg.micro_batch_size, cfg.micro_batch_size,
-                                       n_sequences, cfg.seed)
-            batch = torch.from_numpy(tokens.batch(rows, cfg.seq_len)).to(device, non_blocking=True)  # (B, T)
-            with no_sync(loss_module, micro == cfg.grad_accum - 1):
-                with autocast(device, dtype):
-                    teacher = (distill.teacher_signal(kd_teacher, batch, len(tokenizer)) if kd_teacher is not None
-                               else kd_cache.teacher(rows, device) if kd_cache is not None else None)
-                    loss = loss_module(batch, teacher) / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.detach().double().cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(trainer, data, cfg, world, step)
         step += 1
         window_tokens += tokens_per_step
-
-        # ---- evaluate, log, checkpoint
         record = None
         if step % cfg.eval_every == 0 or step == steps:
-            eval_loss = evaluate(loss_module, held_out, cfg.micro_batch_size, device, dtype)
+            eval_loss = evaluate(trainer.loss_module, data.held_out, cfg.micro_batch_size, device, trainer.dtype)
             record = {"eval_loss": eval_loss}
         if step % cfg.log_every == 0 or record is not None:
             if world.world_size > 1:
                 loss_sum = _all_reduce_sum(loss_sum.reshape(1), device)[0] / world.world_size
-            elapsed = max(time.time() - window_start, 1e-9)
-            tokens_per_s = window_tokens / elapsed
+            tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
             mfu = flops_per_token * tokens_per_s / (peak * world.world_size)
-            record = {
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "loss": float(loss_sum),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu,
-                **(record or {}),
-            }
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": float(loss_sum),
+                      "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "mfu": mfu, **(record or {})}
             if world.is_main:
                 with open(output / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -427,29 +454,47 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
             window_start, window_tokens = time.time(), 0
         progress.update(1)
         if step % cfg.save_every == 0 or step == steps:
-            save_checkpoint(output, loss_module, model, optimizer, scheduler, step, cfg, world)
+            save_checkpoint(output, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler, step, cfg,
+                            world)
     progress.close()
 
+    # ---- finish: the model in safetensors with its tokenizer, the manifest last
     manifest = {
         "stage": "pretrain",
         **run_info(),
         "settings": asdict(cfg),
-        "model_type": model.config.model_type,
-        "n_params": n_params,
+        "model_type": trainer.model.config.model_type,
+        "n_params": sum(p.numel() for p in trainer.model.parameters()),
         "world_size": world.world_size,
-        "global_batch": batch_sequences,
+        "global_batch": global_batch(cfg, world.world_size),
         "steps": steps,
         "tokens": steps * tokens_per_step,
-        "train_sequences": n_sequences,
-        "token_file": str(tokens.directory),
+        "train_sequences": data.n_sequences,
+        "token_file": str(data.tokens.directory),
         "eval_loss": eval_loss,
         "elapsed_s": round(time.time() - started, 1),
     }
-    model_state, _ = full_state(loss_module, model, optimizer, cfg, world)
+    model_state, _ = full_state(trainer.loss_module, trainer.model, trainer.optimizer, cfg, world)
     if world.is_main:
-        _save_final(output, model, tokenizer, manifest, model_state)
+        _save_final(output, trainer.model, data.tokenizer, manifest, model_state)
     world.barrier()
     return manifest if world.is_main else {"rank": world.rank}
+
+
+def _plan_line(cfg: PretrainConfig, world: World, trainer: Trainer, data: TrainData, peak: float, source: str) -> str:
+    """What the run is about to do, printed once before the first step."""
+    batch = global_batch(cfg, world.world_size)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    mode = "FSDP" if cfg.fsdp and world.world_size > 1 else "DDP" if world.world_size > 1 else "single"
+    kd = trainer.kd_teacher is not None or trainer.kd_cache is not None
+    return (
+        f"training {trainer.model.config.model_type} ({n_params / 1e6:.2f}M params) on {world.world_size} process(es) "
+        f"[{mode}, {trainer.device.type}, {str(trainer.dtype).removeprefix('torch.')}]: {trainer.steps} steps x global "
+        f"batch {batch} (micro {cfg.micro_batch_size} x accum {cfg.grad_accum} x {world.world_size}) x {cfg.seq_len} "
+        f"tokens = {trainer.steps * batch * cfg.seq_len:,} tokens over {data.n_sequences:,} packed sequences "
+        f"({trainer.steps * batch / data.n_sequences:.2f} epochs); {len(data.held_out)} held-out sequences; "
+        f"{_kd_summary(cfg) if kd else 'no distillation'}; MFU against {peak / 1e12:.3g} TFLOP/s per device ({source})"
+    )
 
 
 def _kd_summary(cfg: PretrainConfig) -> str:
