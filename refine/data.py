@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -148,14 +149,67 @@ def _is_string(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
+ID_FIX = "pass --id-column naming a column of unique strings or integers, or omit it to use the row index"
+
+
 def document_ids(ds: datasets.Dataset, id_column: Optional[str]) -> list:
-    """Each row's id: the id column's values (must be unique) or the row index."""
+    """Each row's id: the id column's values (unique strings or integers) or the row index."""
     if id_column is None:
         return list(range(len(ds)))
-    ids = ds[id_column]
-    if len(set(ids)) != len(ids):
-        raise RefineError(f"id column {id_column!r} has duplicate values; pass a unique --id-column or omit it")
-    return list(ids)
+    column = _arrow_column(ds, id_column)
+    if _is_json(column.type):  # datasets keeps a JSON field whose values differ in type as JSON text
+        ids = [None if text is None else json.loads(text) for chunk in column.chunks for text in chunk.storage.to_pylist()]
+        problem = _mixed_id_problem(ids, id_column)
+        column = pa.chunked_array([pa.array(ids)]) if problem is None else column
+    else:
+        problem = _id_type_problem(column, id_column)
+    problem = problem or _id_duplicate_problem(column, id_column)
+    if problem:
+        raise RefineError(f"{problem}; {ID_FIX}")
+    return column.to_pylist()
+
+
+def _arrow_column(ds: datasets.Dataset, column: str) -> pa.ChunkedArray:
+    # through the format, not ds.data, so that a selected or shuffled view reads its own rows
+    return ds.with_format("arrow")[column]
+
+
+def _is_json(kind: pa.DataType) -> bool:
+    return isinstance(kind, pa.BaseExtensionType) and kind.extension_name == "arrow.json"
+
+
+def _id_type_problem(column: pa.ChunkedArray, id_column: str) -> Optional[str]:
+    """The first row whose id is not an int or a str: decided by the arrow type; values are scanned only for nulls."""
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if column.null_count == 0:
+            return None
+        row = pc.index(pc.is_null(column), True).as_py()
+        return f"id column {id_column!r} is null at row {row}"
+    if len(column) == 0:
+        return None
+    if pa.types.is_null(kind):
+        return f"id column {id_column!r} is null at row 0"
+    return f"id column {id_column!r} holds {kind} values, not strings or integers (row 0: {column[0].as_py()!r})"
+
+
+def _mixed_id_problem(ids: list, id_column: str) -> Optional[str]:
+    for row, value in enumerate(ids):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, str)):
+            return f"id column {id_column!r} holds {value!r} at row {row}, not a string or an integer"
+        if type(value) is not type(ids[0]):
+            return f"id column {id_column!r} mixes {type(ids[0]).__name__} and {type(value).__name__} ids (row {row}: {value!r})"
+    return None
+
+
+def _id_duplicate_problem(column: pa.ChunkedArray, id_column: str) -> Optional[str]:
+    if len(pc.unique(column)) == len(column):  # one hash pass; the slower search below runs only on failure
+        return None
+    counts = pc.value_counts(column)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))[0]
+    first = pc.index(column, repeated).as_py()
+    second = first + 1 + pc.index(column.slice(first + 1), repeated).as_py()
+    return f"id column {id_column!r} holds {repeated.as_py()!r} twice, at rows {first} and {second}"
 
 
 def is_blank(text: Optional[str]) -> bool:

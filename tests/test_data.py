@@ -50,10 +50,36 @@ def test_column_problems_are_reported_together(tmp_path):
 
 
 def test_ids_default_to_row_index_and_must_be_unique():
-    ds = datasets.Dataset.from_list([{"text": "a", "k": "x"}, {"text": "b", "k": "x"}])
-    assert document_ids(ds, None) == [0, 1]
-    with pytest.raises(RefineError, match="duplicate"):
+    ds = datasets.Dataset.from_list([{"text": "a", "k": "x"}, {"text": "b", "k": "y"}, {"text": "c", "k": "x"}])
+    assert document_ids(ds, None) == [0, 1, 2]
+    with pytest.raises(RefineError, match=r"holds 'x' twice, at rows 0 and 2; pass --id-column naming a column of unique"):
         document_ids(ds, "k")
+    assert document_ids(ds.select([1, 2]), "k") == ["y", "x"]  # a view's own rows, not the underlying table's
+    assert document_ids(datasets.Dataset.from_list([{"k": 7}, {"k": 3}]), "k") == [7, 3]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["a", None, "c"], "is null at row 1"),
+    ([None, None], "is null at row 0"),
+    ([1.0, float("nan")], r"holds double values, not strings or integers \(row 0"),
+    ([[1], [2]], "holds list<item: int64> values"),
+    ([{"a": 1}, {"a": 2}], "holds struct<a: int64> values"),
+    ([True, False], "holds bool values"),
+])
+def test_ids_that_are_not_strings_or_integers_are_refused_with_the_row(values, message):
+    ds = datasets.Dataset.from_list([{"text": "t", "k": v} for v in values])
+    with pytest.raises(RefineError, match=message + ".*omit it to use the row index"):
+        document_ids(ds, "k")
+
+
+def test_ids_of_mixed_json_types_name_the_row(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a", "k": 1}\n{"text": "b", "k": "x"}\n')
+    with pytest.raises(RefineError, match=r"mixes int and str ids \(row 1: 'x'\)"):
+        document_ids(load_corpus(str(path)), "k")
+    path.write_text('{"text": "a", "k": "x"}\n{"text": "b", "k": [2]}\n')
+    with pytest.raises(RefineError, match=r"holds \[2\] at row 1, not a string or an integer"):
+        document_ids(load_corpus(str(path)), "k")
 
 
 @pytest.mark.parametrize("name, content", [
