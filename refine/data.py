@@ -64,6 +64,20 @@ def corpus_files(source: str, split: str = "train", name: Optional[str] = None) 
         return _local_files(source, split, name)
 
 
+def folder_pattern_problem(folder: str | Path) -> Optional[str]:
+    """Why `datasets.load_dataset(folder)` would misread a dataset folder written there, or None.
+
+    datasets joins the card's data_files patterns to the folder's full path without escaping it, then
+    globs: '[1]' then matches only '1' (nothing is found), 'out*' also reads a sibling 'outX', and '::'
+    splits the path into two URLs. refine's own readers escape the path; plain datasets users cannot.
+    """
+    full_path = Path(folder).expanduser().resolve().as_posix()
+    if glob.has_magic(full_path) or "::" in full_path:
+        return (f"datasets.load_dataset would read the path {full_path!r} as a pattern (it holds * ? [ or ::); "
+                "choose an output folder whose full path has none of them")
+    return None
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
@@ -425,7 +439,7 @@ def is_blank(text: Optional[str]) -> bool:
 
 def count_blank(ds: datasets.Dataset, text_column: str) -> int:
     """Number of null, empty or whitespace-only documents."""
-    column = ds.data.column(text_column)
+    column = _arrow_column(ds, text_column)
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
     return int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
 

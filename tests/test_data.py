@@ -6,7 +6,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from refine.data import check_columns, corpus_files, corpus_fingerprint, document_ids, load_corpus
+from refine.data import check_columns, corpus_files, count_blank, corpus_fingerprint, document_ids, folder_pattern_problem, load_corpus
 from refine.errors import RefineError
 
 ROWS = [{"text": "alpha beta", "n": 1}, {"text": "gamma", "n": 2}, {"text": "delta epsilon", "n": 3}]
@@ -203,3 +203,27 @@ def test_a_malformed_file_is_named_with_its_line(tmp_path, name, content, messag
         load_corpus(str(path))
     assert str(error.value).startswith(f"corpus file {str(path.resolve())!r} ")
     assert re.search(message, str(error.value)) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, misread", [(f"out {ODD}", True), ("out*", True), ("out?", True), ("a::b", True),
+                                           ("out run ü", False), ("out-1_2.x", False)])
+def test_folders_that_datasets_would_read_as_a_pattern_are_named(tmp_path, name, misread):
+    problem = folder_pattern_problem(tmp_path / name)
+    assert (problem is not None) == misread
+    if misread:
+        assert "choose an output folder whose full path has none of them" in problem
+
+
+def test_a_star_in_a_folder_name_makes_datasets_read_its_siblings_too(tmp_path):
+    """Why folder_pattern_problem refuses '*': plain datasets reads the wrong data, refine's reader does not."""
+    star = write_refine_output(tmp_path / "out*")
+    sibling = write_refine_output(tmp_path / "outX")
+    pd.DataFrame([{"text": "sibling", "n": 0}]).to_parquet(sibling / "data" / "train-00000-of-00001.parquet")
+    assert "sibling" in datasets.load_dataset(str(star), split="train")["text"]
+    assert "sibling" not in load_corpus(str(star))["text"]
+
+
+def test_blank_count_reads_a_selected_view_s_own_rows():
+    ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "  "}, {"text": None}, {"text": "b"}])
+    assert count_blank(ds, "text") == 2
+    assert count_blank(ds.select([0, 3]), "text") == 0
