@@ -131,7 +131,7 @@ def _directory_files(directory: Path, split: str, name: Optional[str], source: s
             return []
     files_by_split = DataFilesDict.from_patterns(patterns, base_path=base_path)
     if split not in files_by_split:
-        raise RefineError(f"{source!r} has no split {split!r}; choose one of {', '.join(files_by_split)} with --split")
+        raise RefineError(f"{source!r} has no split {split!r}; choose one of {', '.join(map(str, files_by_split))} with --split")
     return _majority_type([f for f in files_by_split[split] if _extension(f) in BUILDER_BY_EXTENSION])
 
 

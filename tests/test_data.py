@@ -227,3 +227,12 @@ def test_blank_count_reads_a_selected_view_s_own_rows():
     ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "  "}, {"text": None}, {"text": "b"}])
     assert count_blank(ds, "text") == 2
     assert count_blank(ds.select([0, 3]), "text") == 0
+
+
+def test_a_folder_s_split_is_read_from_its_own_files(tmp_path):
+    write_jsonl(tmp_path / "splits" / "train.jsonl", ["t1", "t2"])
+    held_out = write_jsonl(tmp_path / "splits" / "test.jsonl", ["h1"])
+    assert load_corpus(str(tmp_path / "splits"), split="test")["text"] == ["h1"]
+    assert corpus_files(str(tmp_path / "splits"), split="test") == [str(held_out.resolve())]
+    with pytest.raises(RefineError, match="has no split 'validation'; choose one of train, test with --split"):
+        load_corpus(str(tmp_path / "splits"), split="validation")
