@@ -236,3 +236,15 @@ def test_a_folder_s_split_is_read_from_its_own_files(tmp_path):
     assert corpus_files(str(tmp_path / "splits"), split="test") == [str(held_out.resolve())]
     with pytest.raises(RefineError, match="has no split 'validation'; choose one of train, test with --split"):
         load_corpus(str(tmp_path / "splits"), split="validation")
+
+
+def test_a_folder_card_with_several_configs_needs_a_name(tmp_path):
+    folder = tmp_path / "configs"
+    write_jsonl(folder / "a" / "x.jsonl", ["from a"])
+    chosen = write_jsonl(folder / "b" / "x.jsonl", ["from b"])
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: a\n  data_files: a/*.jsonl\n"
+                                      "- config_name: b\n  data_files: b/*.jsonl\n---\n")
+    with pytest.raises(RefineError, match="has configs a, b; choose one with --name"):
+        load_corpus(str(folder))
+    assert load_corpus(str(folder), name="b")["text"] == ["from b"]
+    assert corpus_files(str(folder), name="b") == [str(chosen.resolve())]
