@@ -1,10 +1,12 @@
+import gzip
 import json
+import re
 
 import datasets
 import pandas as pd
 import pytest
 
-from refine.data import check_columns, corpus_fingerprint, document_ids, load_corpus
+from refine.data import check_columns, corpus_files, count_blank, corpus_fingerprint, document_ids, folder_pattern_problem, load_corpus
 from refine.errors import RefineError
 
 ROWS = [{"text": "alpha beta", "n": 1}, {"text": "gamma", "n": 2}, {"text": "delta epsilon", "n": 3}]
@@ -50,10 +52,36 @@ def test_column_problems_are_reported_together(tmp_path):
 
 
 def test_ids_default_to_row_index_and_must_be_unique():
-    ds = datasets.Dataset.from_list([{"text": "a", "k": "x"}, {"text": "b", "k": "x"}])
-    assert document_ids(ds, None) == [0, 1]
-    with pytest.raises(RefineError, match="duplicate"):
+    ds = datasets.Dataset.from_list([{"text": "a", "k": "x"}, {"text": "b", "k": "y"}, {"text": "c", "k": "x"}])
+    assert document_ids(ds, None) == [0, 1, 2]
+    with pytest.raises(RefineError, match=r"holds 'x' twice, at rows 0 and 2; pass --id-column naming a column of unique"):
         document_ids(ds, "k")
+    assert document_ids(ds.select([1, 2]), "k") == ["y", "x"]  # a view's own rows, not the underlying table's
+    assert document_ids(datasets.Dataset.from_list([{"k": 7}, {"k": 3}]), "k") == [7, 3]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["a", None, "c"], "is null at row 1"),
+    ([None, None], "is null at row 0"),
+    ([1.0, float("nan")], r"holds double values, not strings or integers \(row 0"),
+    ([[1], [2]], "holds list<item: int64> values"),
+    ([{"a": 1}, {"a": 2}], "holds struct<a: int64> values"),
+    ([True, False], "holds bool values"),
+])
+def test_ids_that_are_not_strings_or_integers_are_refused_with_the_row(values, message):
+    ds = datasets.Dataset.from_list([{"text": "t", "k": v} for v in values])
+    with pytest.raises(RefineError, match=message + ".*omit it to use the row index"):
+        document_ids(ds, "k")
+
+
+def test_ids_of_mixed_json_types_name_the_row(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a", "k": 1}\n{"text": "b", "k": "x"}\n')
+    with pytest.raises(RefineError, match=r"mixes int and str ids \(row 1: 'x'\)"):
+        document_ids(load_corpus(str(path)), "k")
+    path.write_text('{"text": "a", "k": "x"}\n{"text": "b", "k": [2]}\n')
+    with pytest.raises(RefineError, match=r"holds \[2\] at row 1, not a string or an integer"):
+        document_ids(load_corpus(str(path)), "k")
 
 
 @pytest.mark.parametrize("name, content", [
@@ -73,3 +101,150 @@ def test_missing_path_and_unknown_extension(tmp_path):
     (tmp_path / "x.docx").write_text("hi")
     with pytest.raises(RefineError, match="cannot read"):
         load_corpus(str(tmp_path / "x.docx"))
+
+
+def write_jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_an_existing_path_is_literal_and_a_glob_only_when_nothing_has_that_name(tmp_path):
+    bracketed = write_jsonl(tmp_path / "gl" / "my[1].jsonl", ["bracket"])
+    write_jsonl(tmp_path / "gl" / "my1.jsonl", ["one"])  # what 'my[1].jsonl' matches as a glob
+    assert load_corpus(str(bracketed))["text"] == ["bracket"]
+    assert corpus_files(str(bracketed)) == [str(bracketed.resolve())]
+    assert load_corpus(str(tmp_path / "gl" / "my*.jsonl"))["text"] == ["one", "bracket"]
+    assert corpus_files(str(tmp_path / "gl" / "my*.jsonl")) == sorted(str(p.resolve()) for p in (tmp_path / "gl").iterdir())
+
+
+ODD = "my [1] ü"
+
+
+def test_files_and_folders_with_brackets_spaces_and_non_ascii_names(tmp_path):
+    folder = tmp_path / ODD
+    file = write_jsonl(folder / f"{ODD}.jsonl", ["a", "b"])
+    write_jsonl(tmp_path / "my 1 ü" / "my 1 ü.jsonl", ["decoy"])  # what the bracketed names match as globs
+    assert load_corpus(str(file))["text"] == ["a", "b"]
+    assert load_corpus(str(folder))["text"] == ["a", "b"]
+    assert corpus_files(str(folder)) == [str(file.resolve())]
+    saved = tmp_path / f"saved {ODD}"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(saved))
+    assert load_corpus(str(saved))["text"] == [r["text"] for r in ROWS]
+    assert all(f.startswith(str(saved.resolve())) and f.endswith(".arrow") for f in corpus_files(str(saved)))
+
+
+def write_refine_output(folder):
+    """A folder laid out the way refine writes its outputs: Parquet shards, a card that names them, a manifest."""
+    (folder / "data").mkdir(parents=True)
+    pd.DataFrame(ROWS).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n---\n# out\n"
+    )
+    (folder / "manifest.json").write_text(json.dumps({"n": 3}))
+    return folder
+
+
+def test_a_refine_output_folder_with_an_odd_name_loads(tmp_path):
+    folder = write_refine_output(tmp_path / f"out {ODD}")
+    assert load_corpus(str(folder))["text"] == [r["text"] for r in ROWS]
+    assert corpus_files(str(folder)) == [str((folder / "data" / "train-00000-of-00001.parquet").resolve())]
+    with pytest.raises(RefineError, match="has no split 'test'; choose one of train with --split"):
+        load_corpus(str(folder), split="test")
+    spaced = write_refine_output(tmp_path / "out run ü")
+    assert datasets.load_dataset(str(spaced), split="train")["text"] == [r["text"] for r in ROWS]
+
+
+@pytest.mark.xfail(strict=True, raises=datasets.exceptions.DataFilesNotFoundError,
+                   reason="datasets joins the card's patterns to the folder path unescaped: '[1]' matches only '1'")
+def test_datasets_cannot_open_a_folder_whose_path_holds_brackets(tmp_path):
+    folder = write_refine_output(tmp_path / f"out {ODD}")
+    datasets.load_dataset(str(folder), split="train")
+
+
+def test_local_files_of_folders_globs_and_hub_names(tmp_path):
+    assert corpus_files("someone/some-dataset") is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RefineError, match="holds no data files; put .jsonl"):
+        load_corpus(str(tmp_path / "empty"))
+    with pytest.raises(RefineError, match="matches no file"):
+        corpus_files(str(tmp_path / "*.jsonl"))
+    chained = write_jsonl(tmp_path / "a::b.jsonl", ["x"])
+    with pytest.raises(RefineError, match="holds '::'; rename it"):
+        load_corpus(str(chained))
+
+
+def test_a_folder_of_many_files_names_the_malformed_one(tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", ["fine"])
+    bad = tmp_path / "corpus" / "b.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "thr\n{"text": "four"}\n')
+    with pytest.raises(RefineError) as error:
+        load_corpus(str(tmp_path / "corpus"))
+    assert str(error.value).startswith(f"corpus file {str(bad.resolve())!r} line 3 is not valid JSON (")
+    assert str(error.value).endswith("; fix or remove that line") and "\n" not in str(error.value)
+
+
+GOOD_JSONL = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(200))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("x.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c"} junk\n', r"line 3 is not valid JSON \(Extra data at column 15\); fix or remove that line"),
+    ("o.jsonl", '{"text": "a"}\n5\n', r"line 2 is not a JSON object; make each line one object"),
+    ("d.json", '[{"text": "a"},\n {"text": }]\n', r"line 2 is not valid JSON \(Expecting value at column 11\); fix that line"),
+    ("p.parquet", "not parquet at all", r"is not a valid parquet file \(Parquet magic bytes not found.*; write it again as parquet"),
+    ("z.arrow", "not arrow", r"is not a valid arrow file \(.*\); write it again as arrow"),
+    ("r.csv", "text,n\na,1\nb,2,3\nc,4\n", r"line 3 has 3 fields but its header has 2; fix that row"),
+    ("t.jsonl.gz", gzip.compress(GOOD_JSONL.encode())[:300], r"is truncated or corrupt \(.*\); download or compress it again"),
+])
+def test_a_malformed_file_is_named_with_its_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(RefineError) as error:
+        load_corpus(str(path))
+    assert str(error.value).startswith(f"corpus file {str(path.resolve())!r} ")
+    assert re.search(message, str(error.value)) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, misread", [(f"out {ODD}", True), ("out*", True), ("out?", True), ("a::b", True),
+                                           ("out run ü", False), ("out-1_2.x", False)])
+def test_folders_that_datasets_would_read_as_a_pattern_are_named(tmp_path, name, misread):
+    problem = folder_pattern_problem(tmp_path / name)
+    assert (problem is not None) == misread
+    if misread:
+        assert "choose an output folder whose full path has none of them" in problem
+
+
+def test_a_star_in_a_folder_name_makes_datasets_read_its_siblings_too(tmp_path):
+    """Why folder_pattern_problem refuses '*': plain datasets reads the wrong data, refine's reader does not."""
+    star = write_refine_output(tmp_path / "out*")
+    sibling = write_refine_output(tmp_path / "outX")
+    pd.DataFrame([{"text": "sibling", "n": 0}]).to_parquet(sibling / "data" / "train-00000-of-00001.parquet")
+    assert "sibling" in datasets.load_dataset(str(star), split="train")["text"]
+    assert "sibling" not in load_corpus(str(star))["text"]
+
+
+def test_blank_count_reads_a_selected_view_s_own_rows():
+    ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "  "}, {"text": None}, {"text": "b"}])
+    assert count_blank(ds, "text") == 2
+    assert count_blank(ds.select([0, 3]), "text") == 0
+
+
+def test_a_folder_s_split_is_read_from_its_own_files(tmp_path):
+    write_jsonl(tmp_path / "splits" / "train.jsonl", ["t1", "t2"])
+    held_out = write_jsonl(tmp_path / "splits" / "test.jsonl", ["h1"])
+    assert load_corpus(str(tmp_path / "splits"), split="test")["text"] == ["h1"]
+    assert corpus_files(str(tmp_path / "splits"), split="test") == [str(held_out.resolve())]
+    with pytest.raises(RefineError, match="has no split 'validation'; choose one of train, test with --split"):
+        load_corpus(str(tmp_path / "splits"), split="validation")
+
+
+def test_a_folder_card_with_several_configs_needs_a_name(tmp_path):
+    folder = tmp_path / "configs"
+    write_jsonl(folder / "a" / "x.jsonl", ["from a"])
+    chosen = write_jsonl(folder / "b" / "x.jsonl", ["from b"])
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: a\n  data_files: a/*.jsonl\n"
+                                      "- config_name: b\n  data_files: b/*.jsonl\n---\n")
+    with pytest.raises(RefineError, match="has configs a, b; choose one with --name"):
+        load_corpus(str(folder))
+    assert load_corpus(str(folder), name="b")["text"] == ["from b"]
+    assert corpus_files(str(folder), name="b") == [str(chosen.resolve())]
