@@ -21,6 +21,7 @@ from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from refine.errors import RefineError
+from refine.output import output_stage, verify
 
 BUILDER_BY_EXTENSION = {
     ".jsonl": "json",
@@ -40,6 +41,9 @@ def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -
     exactly that path; `source` is a glob only when no such path exists.
     """
     path = Path(source).expanduser()
+    stage = output_stage(path) if path.is_dir() else None
+    if stage is not None:
+        verify(path, stage)  # refine's own output: every file checked against its manifest first
     with _read_errors(source):
         if _is_saved_dataset(path):
             return _pick_split(datasets.load_from_disk(str(path)), split, source)
@@ -62,20 +66,6 @@ def corpus_files(source: str, split: str = "train", name: Optional[str] = None) 
             loaded = _pick_split(datasets.load_from_disk(str(path)), split, source)
             return [str(Path(f["filename"]).resolve()) for f in loaded.cache_files]
         return _local_files(source, split, name)
-
-
-def folder_pattern_problem(folder: str | Path) -> Optional[str]:
-    """Why `datasets.load_dataset(folder)` would misread a dataset folder written there, or None.
-
-    datasets joins the card's data_files patterns to the folder's full path without escaping it, then
-    globs: '[1]' then matches only '1' (nothing is found), 'out*' also reads a sibling 'outX', and '::'
-    splits the path into two URLs. refine's own readers escape the path; plain datasets users cannot.
-    """
-    full_path = Path(folder).expanduser().resolve().as_posix()
-    if glob.has_magic(full_path) or "::" in full_path:
-        return (f"datasets.load_dataset would read the path {full_path!r} as a pattern (it holds * ? [ or ::); "
-                "choose an output folder whose full path has none of them")
-    return None
 
 
 def _is_saved_dataset(path: Path) -> bool:

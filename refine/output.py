@@ -54,6 +54,8 @@ STAGE_FILES = {
     "pretrain": ("metrics.jsonl", "checkpoint/*", "checkpoint.old/*", "checkpoint.tmp/*", "final.tmp/*"),
     "distill-cache": ("shard-*/ids.npy", "shard-*/logprobs.npy", "shard-*.tmp/*"),
 }
+# Outputs that `datasets.load_dataset(folder)` must be able to open.
+DATASET_STAGES = ("score", "sample")
 # The files a finished output's manifest must list completely: an extra one is refused when read.
 DATA_FILES = {"score": "data/*.parquet", "sample": "data/*.parquet", "distill-cache": "shard-*/*.npy"}
 
@@ -162,7 +164,9 @@ def claim(output: str | Path, stage: str, inputs: Iterable[Optional[str]] = (), 
     """
     path = Path(output).expanduser().absolute()
     problems = overlap_problems(path, inputs)
-    if problems:
+    if stage in DATASET_STAGES:
+        problems.append(folder_pattern_problem(path))
+    if any(problems):
         raise RefineError(*problems)
     if path.exists() and not path.is_dir():
         raise RefineError(f"output {str(output)!r} is a file; give a directory path")
@@ -207,6 +211,20 @@ def claim_file(output: str | Path, stage: str, marker: str, inputs: Iterable[Opt
             raise RefineError(f"output {str(output)!r} exists and was not written by `refine {stage}`; "
                               "choose another --output (refine never replaces files it did not write)")
     return Claim(path, stage, "replace" if path.exists() else "fresh", fd, lock_path)
+
+
+def folder_pattern_problem(folder: str | Path) -> Optional[str]:
+    """Why `datasets.load_dataset(folder)` would misread a dataset folder written there, or None.
+
+    datasets joins the card's data_files patterns to the folder's full path without escaping it, then
+    globs: '[1]' then matches only '1' (nothing is found), 'out*' also reads a sibling 'outX', and '::'
+    splits the path into two URLs. refine's own readers escape the path; plain datasets users cannot.
+    """
+    full_path = Path(folder).expanduser().resolve().as_posix()
+    if glob.has_magic(full_path) or "::" in full_path:
+        return (f"datasets.load_dataset would read the path {full_path!r} as a pattern (it holds * ? [ or ::); "
+                "choose an output folder whose full path has none of them")
+    return None
 
 
 def overlap_problems(output: Path, inputs: Iterable[Optional[str]]) -> list[str]:

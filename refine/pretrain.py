@@ -333,11 +333,8 @@ class Trainer:
     kd_cache: Any = None
 
 
-def setup_data(cfg: PretrainConfig, world: World) -> TrainData:
+def setup_data(cfg: PretrainConfig, world: World, tokenizer) -> TrainData:
     """Tokenise and pack the corpus once into a memory-mapped file (reused later); pack the held-out set."""
-    tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
     train_ds, eval_ds, selection = packed.load_splits(cfg)
     held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
                                      packed.scored_token_column(cfg.eval_data or cfg.data, eval_ds, tokenizer))
@@ -411,8 +408,12 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
         tqdm.write(f"no checkpoint in {cfg.output!r} yet; starting from step 0")
 
     # ---- set up: data, model, optimizer, schedule; the checkpoint to continue from
-    data = setup_data(cfg, world)
-    trainer = setup_trainer(cfg, world, data, student_config(cfg, data.tokenizer))
+    tokenizer = models.load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
+    model_config = student_config(cfg, tokenizer)  # refuses a --seq-len beyond its positions before any data is read
+    data = setup_data(cfg, world, tokenizer)
+    trainer = setup_trainer(cfg, world, data, model_config)
     steps, device = trainer.steps, trainer.device
     step = (load_checkpoint(checkpoint, cfg, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler,
                             world) if checkpoint else 0)

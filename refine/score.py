@@ -331,6 +331,7 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
         "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
         "data": {
             "source": cfg.data,
+            "files": corpus.corpus_files(cfg.data, cfg.split, cfg.name),  # what was read, resolved; None for the Hub
             "split": cfg.split,
             "name": cfg.name,
             "text_column": cfg.text_column,

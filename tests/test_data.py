@@ -6,7 +6,8 @@ import datasets
 import pandas as pd
 import pytest
 
-from refine.data import check_columns, corpus_files, count_blank, corpus_fingerprint, document_ids, folder_pattern_problem, load_corpus
+from refine.data import check_columns, corpus_files, corpus_fingerprint, count_blank, document_ids, load_corpus
+from refine.output import folder_pattern_problem
 from refine.errors import RefineError
 
 ROWS = [{"text": "alpha beta", "n": 1}, {"text": "gamma", "n": 2}, {"text": "delta epsilon", "n": 3}]
