@@ -148,7 +148,7 @@ def validate(cfg: DistillCacheConfig) -> None:
 
 
 def build_cache(cfg: DistillCacheConfig) -> dict:
-    """Write the teacher's top-k cache for every packed training sequence. Returns meta.json's content."""
+    """Write the teacher's top-k cache for every packed training sequence. Returns the manifest (written last)."""
     validate(cfg)
     world = init_world(cfg.device)
     try:

@@ -45,7 +45,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def _fused_kernel():
-    """Apple's cut-cross-entropy (`pip install refine[cuda]`), used on CUDA when installed."""
+    """Apple's cut-cross-entropy (`pip install -e '.[cuda]'`), used on CUDA when installed."""
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError:

@@ -1,6 +1,6 @@
 """`refine score`: teacher and reference read the same tokens; each instance gets log p_T - log p_R per token.
 
-Conventions (also in the README):
+Conventions (also in docs/pipeline.md):
 - unit=document: the tokenizer's BOS (or EOS where it has no BOS) is put before the document as
   context and is not scored; no EOS is appended. `n_tokens` is the number of document tokens, every
   one of them predicted once. A document longer than `max_length` is cut into windows that overlap by
