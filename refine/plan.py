@@ -241,7 +241,7 @@ def plan(cfg) -> list[str]:
         except ValueError as e:
             problems.append(f"--candidate {text!r}: {e}")
             continue
-        problems.append(_out_of_range(f"--candidate {text!r}: teacher size {_fmt(candidate.params)}", candidate.params, PARAMS_RANGE,
+        problems.append(_out_of_range(f"--candidate {text!r}: teacher size {text.partition(':')[0]}", candidate.params, PARAMS_RANGE,
                                       "give PARAMS[:LOSS], e.g. 1.8B:2.3"))
         if candidate.loss is not None:
             problems.append(_teacher_loss_problem(f"--candidate {text!r}: teacher loss", candidate.loss))
