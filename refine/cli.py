@@ -65,7 +65,7 @@ def _command_path(group, error, args) -> str:
     """`refine sample` for an error in `refine sample ...` (click does not always attach the context)."""
     ctx = getattr(error, "ctx", None)
     if ctx is not None and ctx.parent is not None:
-        return ctx.command_path
+        return f"refine {ctx.info_name}"
     words = list(sys.argv[1:] if args is None else args)
     return "refine " + words[0] if words and words[0] in group.commands else "refine"
 

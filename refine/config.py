@@ -549,7 +549,7 @@ def _convert(value: Any, annotation: Any, f: dataclasses.Field, text: bool) -> t
                     return None, f"is not {noun}; give a whole number"
                 number = int(number)
             if abs(number) > INT64:
-                return None, f"is too large; give a value below 2^63"
+                return None, "does not fit in 64 bits; give a smaller number"
             return number, None
         try:
             number = float(number)

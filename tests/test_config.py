@@ -96,7 +96,7 @@ def test_wrong_types_in_yaml_are_refused(tmp_path, line, fragment):
     (PretrainConfig, {"seed": "-1"}, "--seed -1 is outside [0, 4294967295]"),
     (PretrainConfig, {"micro_batch_size": "0"}, "--micro-batch-size 0 must be at least 1"),
     (PretrainConfig, {"max_steps": "0"}, "--max-steps 0 must be positive"),
-    (PretrainConfig, {"seq_len": str(2**70)}, "is too large"),
+    (PretrainConfig, {"seq_len": str(2**70)}, "does not fit in 64 bits"),
     (PretrainConfig, {"dtype": "float16"}, "--dtype 'float16' is not one of auto, float32, bfloat16"),
     (ScoreConfig, {"unit": "page"}, "--unit 'page' is not one of document, chunk"),
     (ScoreConfig, {"normalize": "words"}, "--normalize 'words' is not one of tokens, bytes"),
