@@ -458,6 +458,9 @@ def load_config(cls: type[Config], yaml_path: Optional[str] = None, overrides: O
     hints = typing.get_type_hints(cls)
     values, bad = {}, set()
     for name, (value, origin) in given.items():
+        if name not in fields:
+            problems.append(f"unknown option `{name}`; valid options: {', '.join(sorted(fields))}")
+            continue
         converted, problem = _convert(value, hints[name], fields[name], text=True)
         if problem is None and converted is not None:
             problem = _value_problem(fields[name], converted)

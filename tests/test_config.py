@@ -180,3 +180,8 @@ def test_every_annotation_is_one_the_loader_knows():
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             base = typing.get_origin(args[0]) or args[0] if args else hint
             assert base in (str, int, float, bool, list), (cls, name, hint)
+
+
+def test_unknown_overrides_in_code_are_reported():
+    found = problems(SampleConfig, {**SAMPLE, "alhpa": 0.5})
+    assert found == [f"unknown option `alhpa`; valid options: {', '.join(sorted(f.name for f in dataclasses.fields(SampleConfig)))}"]
