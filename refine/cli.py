@@ -1,42 +1,154 @@
-"""The `refine` command line: thin typer wrappers that parse, load the config and call a stage function.
+"""The `refine` command line, generated from the config dataclasses in refine.config.
 
-Every option defaults to None ("not given") so that a YAML --config value is only overridden by
-flags the user actually typed; real defaults live in refine.config.
+Each command is a plain function of its config (`score_command(cfg)`); `config_command` turns the
+config's fields into the command's options: one field, one option, with the field's help text and
+default. Options default to None ("not given") internally, so a YAML --config value is only overridden
+by flags the user actually typed; `load_config` then converts and checks every value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import subprocess
 import sys
-from typing import List, Optional
+import typing
+from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from refine.config import DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig, field_help, load_config
+from refine import __version__
+from refine.config import (DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig,
+                           flag, load_config)
 from refine.errors import RefineError
 
+try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+CONFIG_HELP = "YAML file whose keys are this command's option names (with underscores); flags given here override it."
+# Flags whose spelling is not `--name/--no-name` or that have a short form.
+FLAG_NAMES = {"private": ("--private/--public",), "output": ("--output", "-o")}
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own parse errors (unknown flag, missing value, bad choice) as one `error:` line and exit code 2.
+
+    Click would print a usage box; refine prints every user error the same way, whether it comes from
+    click or from `load_config`, and whether the app runs from `main()` or typer's CliRunner.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare `refine`: the help, as before
+            e.show()
+            code = e.exit_code
+        except click_errors.ClickException as e:
+            command = _command_path(self, e, args)
+            message = " ".join(e.format_message().split()).rstrip(".")
+            typer.echo(f"error: {message[:1].lower()}{message[1:]}; see `{command} --help`", err=True)
+            code = 2
+        except typer.Abort:
+            typer.echo("interrupted; rerun the same command to continue where it stopped", err=True)
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _command_path(group, error, args) -> str:
+    """`refine sample` for an error in `refine sample ...` (click does not always attach the context)."""
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and ctx.parent is not None:
+        return f"refine {ctx.info_name}"
+    words = list(sys.argv[1:] if args is None else args)
+    return "refine " + words[0] if words and words[0] in group.commands else "refine"
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Refine a pretraining corpus with a teacher LM (MiniPLM difference sampling): score → sample → pretrain.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-CONFIG_HELP = "YAML file whose keys are this command's option names (with underscores); flags given here override it."
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"refine {__version__}")
+        raise typer.Exit()
 
 
-def _opt(cls, name: str, *flags: str):
-    return typer.Option(None, *flags, help=field_help(cls, name), show_default=False)
+@app.callback()
+def _refine(
+    version: Optional[bool] = typer.Option(None, "--version", help="Print the version and exit.", callback=_print_version,
+                                           is_eager=True),
+) -> None:
+    """Refine a pretraining corpus with a teacher LM (MiniPLM difference sampling): score → sample → pretrain."""
 
 
-def _arg(cls, name: str):
-    return typer.Argument(None, help=field_help(cls, name), show_default=False)
+def _parameter(field: dataclasses.Field, annotation: Any, positional: bool) -> inspect.Parameter:
+    """The typer Argument/Option of one config field: its type, flags, help and shown default."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = typing.get_origin(args[0] if len(args) == 1 else annotation) or (args[0] if len(args) == 1 else annotation)
+    help_text = field.metadata["help"]
+    if field.metadata.get("required"):
+        help_text += " (required)"
+    if kind is bool:
+        cli_type, decls = Optional[bool], FLAG_NAMES.get(field.name, (f"{flag(field.name)}/--no-{flag(field.name)[2:]}",))
+        on, off = decls[0].split("/")
+        help_text += f" (default: {(on if field.default else off).lstrip('-')})"
+    elif kind is list:
+        cli_type, decls = Optional[List[str]], (flag(field.name),)
+    else:
+        # Numbers are read as text and converted by load_config, as YAML values are, so `--max-tokens 1e9` works
+        # and every bad value is reported together.
+        cli_type, decls = Optional[str], FLAG_NAMES.get(field.name, (flag(field.name),))
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+    metavar = {int: "INTEGER", float: "FLOAT", bool: None}.get(kind, "TEXT")
+    if positional:
+        info = typer.Argument(None, help=help_text, show_default=False, metavar=field.name.upper())
+    else:
+        info = typer.Option(None, *decls, help=help_text, show_default=False, metavar=metavar)
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=cli_type)
 
 
-def _run(cls, config: Optional[str], overrides: dict, stage):
+def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
+    """Register `run(cfg)` as `refine NAME`, with one option per field of `cls` (the fields in `positional` as arguments)."""
+
+    def register(run: Callable[[Any], None]) -> Callable[[Any], None]:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        by_name = {f.name: f for f in fields}
+        parameters = [_parameter(by_name[p], hints[p], positional=True) for p in positional]
+        parameters += [_parameter(f, hints[f.name], positional=False) for f in fields if f.name not in positional]
+        parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                            default=typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE.yaml")))
+
+        def command(config: Optional[str] = None, **flags: Any) -> None:
+            run(_stage(lambda: load_config(cls, config, flags)))
+
+        command.__signature__ = inspect.Signature(parameters)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__doc__ = run.__doc__
+        command.__name__ = run.__name__
+        app.command(name)(command)
+        return run
+
+    return register
+
+
+def _stage(call: Callable[[], Any]) -> Any:
+    """Run `call()`, turning bad user input into one `error:` line with exit code 2."""
     try:
-        return stage(load_config(cls, config, overrides))
+        return call()
     except RefineError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -45,36 +157,8 @@ def _run(cls, config: Optional[str], overrides: dict, stage):
         raise typer.Exit(130) from None
 
 
-@app.command("score")
-def score_command(
-    data: Optional[str] = _arg(ScoreConfig, "data"),
-    teacher: Optional[str] = _opt(ScoreConfig, "teacher", "--teacher"),
-    reference: Optional[str] = _opt(ScoreConfig, "reference", "--reference"),
-    output: Optional[str] = _opt(ScoreConfig, "output", "--output", "-o"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    split: Optional[str] = _opt(ScoreConfig, "split", "--split"),
-    name: Optional[str] = _opt(ScoreConfig, "name", "--name"),
-    text_column: Optional[str] = _opt(ScoreConfig, "text_column", "--text-column"),
-    id_column: Optional[str] = _opt(ScoreConfig, "id_column", "--id-column"),
-    teacher_revision: Optional[str] = _opt(ScoreConfig, "teacher_revision", "--teacher-revision"),
-    reference_revision: Optional[str] = _opt(ScoreConfig, "reference_revision", "--reference-revision"),
-    unit: Optional[str] = _opt(ScoreConfig, "unit", "--unit"),
-    normalize: Optional[str] = _opt(ScoreConfig, "normalize", "--normalize"),
-    proxy_fraction: Optional[float] = _opt(ScoreConfig, "proxy_fraction", "--proxy-fraction"),
-    proxy_alpha: Optional[float] = _opt(ScoreConfig, "proxy_alpha", "--proxy-alpha"),
-    proxy_epochs: Optional[int] = _opt(ScoreConfig, "proxy_epochs", "--proxy-epochs"),
-    proxy_lr: Optional[float] = _opt(ScoreConfig, "proxy_lr", "--proxy-lr"),
-    proxy_seed: Optional[int] = _opt(ScoreConfig, "proxy_seed", "--proxy-seed"),
-    max_length: Optional[int] = _opt(ScoreConfig, "max_length", "--max-length"),
-    max_tokens_per_batch: Optional[int] = _opt(ScoreConfig, "max_tokens_per_batch", "--max-tokens-per-batch"),
-    shard_size: Optional[int] = _opt(ScoreConfig, "shard_size", "--shard-size"),
-    device: Optional[str] = _opt(ScoreConfig, "device", "--device"),
-    dtype: Optional[str] = _opt(ScoreConfig, "dtype", "--dtype"),
-    compile: Optional[bool] = _opt(ScoreConfig, "compile", "--compile/--no-compile"),
-    nproc: Optional[int] = _opt(ScoreConfig, "nproc", "--nproc"),
-    trust_remote_code: Optional[bool] = _opt(ScoreConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
-    overwrite: Optional[bool] = _opt(ScoreConfig, "overwrite", "--overwrite/--no-overwrite"),
-):
+@config_command("score", ScoreConfig, positional=("data",))
+def score_command(cfg: ScoreConfig) -> None:
     """Score every instance: log p_teacher(x) - log p_ref(x) per token, with both log-probs and token counts.
 
     Writes Parquet shards (columns id, n_tokens, teacher_logprob, ref_logprob, score) and manifest.json.
@@ -83,11 +167,8 @@ def score_command(
     """
     from refine.score import score
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "score")}
-    cfg = _run(ScoreConfig, config, overrides, lambda c: c)
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _launch_torchrun(cfg.nproc)
-    manifest = _run(ScoreConfig, config, overrides, score)
+    _relaunch_under_torchrun(cfg.nproc)
+    manifest = _stage(lambda: score(cfg))
     if "rank" in manifest:  # not rank 0: rank 0 reports
         return
     typer.echo(
@@ -103,29 +184,13 @@ def score_command(
         )
 
 
-@app.command("sample")
-def sample_command(
-    scores: Optional[str] = _arg(SampleConfig, "scores"),
-    output: Optional[str] = _opt(SampleConfig, "output", "--output", "-o"),
-    alpha: Optional[float] = _opt(SampleConfig, "alpha", "--alpha"),
-    method: Optional[str] = _opt(SampleConfig, "method", "--method"),
-    seed: Optional[int] = _opt(SampleConfig, "seed", "--seed"),
-    data: Optional[str] = _opt(SampleConfig, "data", "--data"),
-    shard_size_mb: Optional[int] = _opt(SampleConfig, "shard_size_mb", "--shard-size-mb"),
-    push_to_hub: Optional[str] = _opt(SampleConfig, "push_to_hub", "--push-to-hub"),
-    private: Optional[bool] = _opt(SampleConfig, "private", "--private/--public"),
-    token: Optional[str] = _opt(SampleConfig, "token", "--token"),
-    overwrite: Optional[bool] = _opt(SampleConfig, "overwrite", "--overwrite/--no-overwrite"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-):
+@config_command("sample", SampleConfig, positional=("scores",))
+def sample_command(cfg: SampleConfig) -> None:
     """Keep the top-alpha fraction of scored instances; write them as a dataset `datasets.load_dataset` opens."""
-    from refine.config import PushConfig
     from refine.push import push
     from refine.sample import sample
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "sample", "push", "PushConfig")}
-    cfg = _run(SampleConfig, config, overrides, lambda c: c)
-    m = _run(SampleConfig, config, overrides, sample)
+    m = _stage(lambda: sample(cfg))
     threshold = f"; score threshold {m['threshold']:.4f}" if m["threshold"] is not None else ""
     stats = m["score_stats"]
     typer.echo(
@@ -134,44 +199,25 @@ def sample_command(
         f"scores: mean {stats['mean']:.3f}, quantiles 10% {stats['q10']:.3f} | 50% {stats['q50']:.3f} | 90% {stats['q90']:.3f}"
     )
     if cfg.push_to_hub:
-        target = PushConfig(refined=cfg.output, target=cfg.push_to_hub, private=cfg.private, token=cfg.token)
-        _echo_push(_run(PushConfig, None, vars(target), push))
+        target = {"refined": cfg.output, "target": cfg.push_to_hub, "private": cfg.private, "token": cfg.token}
+        _echo_push(_stage(lambda: push(load_config(PushConfig, None, target))))
 
 
-@app.command("report")
-def report_command(
-    scores: Optional[str] = _arg(ReportConfig, "scores"),
-    output: Optional[str] = _opt(ReportConfig, "output", "--output", "-o"),
-    data: Optional[str] = _opt(ReportConfig, "data", "--data"),
-    alpha: Optional[float] = _opt(ReportConfig, "alpha", "--alpha"),
-    group_column: Optional[str] = _opt(ReportConfig, "group_column", "--group-column"),
-    n_examples: Optional[int] = _opt(ReportConfig, "n_examples", "--n-examples"),
-    excerpt_chars: Optional[int] = _opt(ReportConfig, "excerpt_chars", "--excerpt-chars"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-):
+@config_command("report", ReportConfig, positional=("scores",))
+def report_command(cfg: ReportConfig) -> None:
     """Write one HTML page showing the score distribution, teacher vs reference NLL, groups and examples."""
     from refine.report import report
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "report")}
-    result = _run(ReportConfig, config, overrides, report)
+    result = _stage(lambda: report(cfg))
     typer.echo(f"wrote {result['output']}: {result['kept']} of {result['instances']} instances kept at this alpha")
 
 
-@app.command("push")
-def push_command(
-    refined: Optional[str] = _arg(PushConfig, "refined"),
-    target: Optional[str] = _arg(PushConfig, "target"),
-    private: Optional[bool] = _opt(PushConfig, "private", "--private/--public"),
-    revision: Optional[str] = _opt(PushConfig, "revision", "--revision"),
-    token: Optional[str] = _opt(PushConfig, "token", "--token"),
-    commit_message: Optional[str] = _opt(PushConfig, "commit_message", "--commit-message"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-):
+@config_command("push", PushConfig, positional=("refined", "target"))
+def push_command(cfg: PushConfig) -> None:
     """Publish a refined dataset folder to the Hugging Face Hub (one commit) or to an fsspec URL."""
     from refine.push import push
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "push")}
-    _echo_push(_run(PushConfig, config, overrides, push))
+    _echo_push(_stage(lambda: push(cfg)))
 
 
 def _echo_push(result: dict) -> None:
@@ -179,54 +225,8 @@ def _echo_push(result: dict) -> None:
     typer.echo(f"published {result['files']} files to {result['target']}{where}")
 
 
-@app.command("pretrain")
-def pretrain_command(
-    data: Optional[str] = _arg(PretrainConfig, "data"),
-    model_config: Optional[str] = _opt(PretrainConfig, "model_config", "--model-config"),
-    tokenizer: Optional[str] = _opt(PretrainConfig, "tokenizer", "--tokenizer"),
-    output: Optional[str] = _opt(PretrainConfig, "output", "--output", "-o"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    split: Optional[str] = _opt(PretrainConfig, "split", "--split"),
-    name: Optional[str] = _opt(PretrainConfig, "name", "--name"),
-    text_column: Optional[str] = _opt(PretrainConfig, "text_column", "--text-column"),
-    eval_data: Optional[str] = _opt(PretrainConfig, "eval_data", "--eval-data"),
-    eval_fraction: Optional[float] = _opt(PretrainConfig, "eval_fraction", "--eval-fraction"),
-    eval_every: Optional[int] = _opt(PretrainConfig, "eval_every", "--eval-every"),
-    max_eval_sequences: Optional[int] = _opt(PretrainConfig, "max_eval_sequences", "--max-eval-sequences"),
-    seq_len: Optional[int] = _opt(PretrainConfig, "seq_len", "--seq-len"),
-    micro_batch_size: Optional[int] = _opt(PretrainConfig, "micro_batch_size", "--micro-batch-size"),
-    grad_accum: Optional[int] = _opt(PretrainConfig, "grad_accum", "--grad-accum"),
-    max_steps: Optional[int] = _opt(PretrainConfig, "max_steps", "--max-steps"),
-    max_tokens: Optional[int] = _opt(PretrainConfig, "max_tokens", "--max-tokens"),
-    lr: Optional[float] = _opt(PretrainConfig, "lr", "--lr"),
-    min_lr_ratio: Optional[float] = _opt(PretrainConfig, "min_lr_ratio", "--min-lr-ratio"),
-    warmup_steps: Optional[int] = _opt(PretrainConfig, "warmup_steps", "--warmup-steps"),
-    weight_decay: Optional[float] = _opt(PretrainConfig, "weight_decay", "--weight-decay"),
-    adam_beta1: Optional[float] = _opt(PretrainConfig, "adam_beta1", "--adam-beta1"),
-    adam_beta2: Optional[float] = _opt(PretrainConfig, "adam_beta2", "--adam-beta2"),
-    grad_clip: Optional[float] = _opt(PretrainConfig, "grad_clip", "--grad-clip"),
-    seed: Optional[int] = _opt(PretrainConfig, "seed", "--seed"),
-    save_every: Optional[int] = _opt(PretrainConfig, "save_every", "--save-every"),
-    log_every: Optional[int] = _opt(PretrainConfig, "log_every", "--log-every"),
-    resume: Optional[bool] = _opt(PretrainConfig, "resume", "--resume/--no-resume"),
-    token_cache: Optional[str] = _opt(PretrainConfig, "token_cache", "--token-cache"),
-    device: Optional[str] = _opt(PretrainConfig, "device", "--device"),
-    dtype: Optional[str] = _opt(PretrainConfig, "dtype", "--dtype"),
-    lean_loss: Optional[bool] = _opt(PretrainConfig, "lean_loss", "--lean-loss/--no-lean-loss"),
-    compile: Optional[bool] = _opt(PretrainConfig, "compile", "--compile/--no-compile"),
-    activation_checkpointing: Optional[bool] = _opt(
-        PretrainConfig, "activation_checkpointing", "--activation-checkpointing/--no-activation-checkpointing"
-    ),
-    fsdp: Optional[bool] = _opt(PretrainConfig, "fsdp", "--fsdp/--no-fsdp"),
-    peak_tflops: Optional[float] = _opt(PretrainConfig, "peak_tflops", "--peak-tflops"),
-    nproc: Optional[int] = _opt(PretrainConfig, "nproc", "--nproc"),
-    kd_teacher: Optional[str] = _opt(PretrainConfig, "kd_teacher", "--kd-teacher"),
-    kd_cache: Optional[str] = _opt(PretrainConfig, "kd_cache", "--kd-cache"),
-    kd_weight: Optional[float] = _opt(PretrainConfig, "kd_weight", "--kd-weight"),
-    kd_temperature: Optional[float] = _opt(PretrainConfig, "kd_temperature", "--kd-temperature"),
-    trust_remote_code: Optional[bool] = _opt(PretrainConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
-    overwrite: Optional[bool] = _opt(PretrainConfig, "overwrite", "--overwrite/--no-overwrite"),
-):
+@config_command("pretrain", PretrainConfig, positional=("data",))
+def pretrain_command(cfg: PretrainConfig) -> None:
     """Pretrain a model from scratch (any transformers causal-LM config) on a corpus, e.g. a refined one.
 
     Also trains MiniPLM's reference model: a small LM on a small random split, with the teacher's tokenizer.
@@ -234,41 +234,15 @@ def pretrain_command(
     """
     from refine.pretrain import pretrain
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "pretrain")}
-    cfg = _run(PretrainConfig, config, overrides, lambda c: c)
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _launch_torchrun(cfg.nproc)
-    m = _run(PretrainConfig, config, overrides, pretrain)
+    _relaunch_under_torchrun(cfg.nproc)
+    m = _stage(lambda: pretrain(cfg))
     if "rank" in m:  # not rank 0: rank 0 reports
         return
     typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
 
 
-@app.command("distill-cache")
-def distill_cache_command(
-    data: Optional[str] = _arg(DistillCacheConfig, "data"),
-    teacher: Optional[str] = _opt(DistillCacheConfig, "teacher", "--teacher"),
-    output: Optional[str] = _opt(DistillCacheConfig, "output", "--output", "-o"),
-    top_k: Optional[int] = _opt(DistillCacheConfig, "top_k", "--top-k"),
-    logprob_dtype: Optional[str] = _opt(DistillCacheConfig, "logprob_dtype", "--logprob-dtype"),
-    seq_len: Optional[int] = _opt(DistillCacheConfig, "seq_len", "--seq-len"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    split: Optional[str] = _opt(DistillCacheConfig, "split", "--split"),
-    name: Optional[str] = _opt(DistillCacheConfig, "name", "--name"),
-    text_column: Optional[str] = _opt(DistillCacheConfig, "text_column", "--text-column"),
-    eval_data: Optional[str] = _opt(DistillCacheConfig, "eval_data", "--eval-data"),
-    eval_fraction: Optional[float] = _opt(DistillCacheConfig, "eval_fraction", "--eval-fraction"),
-    seed: Optional[int] = _opt(DistillCacheConfig, "seed", "--seed"),
-    token_cache: Optional[str] = _opt(DistillCacheConfig, "token_cache", "--token-cache"),
-    teacher_revision: Optional[str] = _opt(DistillCacheConfig, "teacher_revision", "--teacher-revision"),
-    batch_size: Optional[int] = _opt(DistillCacheConfig, "batch_size", "--batch-size"),
-    shard_sequences: Optional[int] = _opt(DistillCacheConfig, "shard_sequences", "--shard-sequences"),
-    device: Optional[str] = _opt(DistillCacheConfig, "device", "--device"),
-    dtype: Optional[str] = _opt(DistillCacheConfig, "dtype", "--dtype"),
-    nproc: Optional[int] = _opt(DistillCacheConfig, "nproc", "--nproc"),
-    trust_remote_code: Optional[bool] = _opt(DistillCacheConfig, "trust_remote_code", "--trust-remote-code/--no-trust-remote-code"),
-    overwrite: Optional[bool] = _opt(DistillCacheConfig, "overwrite", "--overwrite/--no-overwrite"),
-):
+@config_command("distill-cache", DistillCacheConfig, positional=("data",))
+def distill_cache_command(cfg: DistillCacheConfig) -> None:
     """Cache the teacher's top-k next tokens for every packed training sequence, for `refine pretrain --kd-cache`.
 
     Give the same data, --seq-len and held-out options as the pretrain run that will use it. Resumable
@@ -276,44 +250,30 @@ def distill_cache_command(
     """
     from refine.distill import build_cache
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "build_cache")}
-    cfg = _run(DistillCacheConfig, config, overrides, lambda c: c)
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _launch_torchrun(cfg.nproc)
-    m = _run(DistillCacheConfig, config, overrides, build_cache)
+    _relaunch_under_torchrun(cfg.nproc)
+    m = _stage(lambda: build_cache(cfg))
     if "rank" in m:
         return
     typer.echo(f"cached the top {m['top_k']} teacher tokens for {m['n_sequences']} sequences of {m['seq_len']} "
                f"({m['bytes_per_token']} bytes per token) in {m['elapsed_s']} s")
 
 
-@app.command("plan")
-def plan_command(
-    student_params: Optional[str] = _opt(PlanConfig, "student_params", "--student-params"),
-    tokens: Optional[str] = _opt(PlanConfig, "tokens", "--tokens"),
-    teacher_loss: Optional[float] = _opt(PlanConfig, "teacher_loss", "--teacher-loss"),
-    from_scores: Optional[str] = _opt(PlanConfig, "from_scores", "--from-scores"),
-    teacher_params: Optional[str] = _opt(PlanConfig, "teacher_params", "--teacher-params"),
-    teacher_tokens: Optional[str] = _opt(PlanConfig, "teacher_tokens", "--teacher-tokens"),
-    compute: Optional[str] = _opt(PlanConfig, "compute", "--compute"),
-    candidate: Optional[List[str]] = _opt(PlanConfig, "candidate", "--candidate"),
-    scenario: Optional[str] = _opt(PlanConfig, "scenario", "--scenario"),
-    plot: Optional[str] = _opt(PlanConfig, "plot", "--plot"),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-):
+@config_command("plan", PlanConfig)
+def plan_command(cfg: PlanConfig) -> None:
     """Predict a student's loss with and without distillation, and its compute, before paying for either.
 
     Uses the distillation scaling law of Busbridge et al. (2025) (fitted on C4): a planning estimate.
     """
     from refine.plan import plan
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "plan")}
-    for line in _run(PlanConfig, config, overrides, plan):
+    for line in _stage(lambda: plan(cfg)):
         typer.echo(line)
 
 
-def _launch_torchrun(nproc: int) -> None:
-    """Re-run this very command under torchrun with `nproc` processes, then exit with its status."""
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """With --nproc > 1 and no torchrun around us: re-run this very command under torchrun, then exit with its status."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
     from refine.distributed import torchrun_command
 
     args, skip = [], False

@@ -135,16 +135,7 @@ def open_cache(path: str) -> KDCache:
 
 
 def validate(cfg: DistillCacheConfig) -> None:
-    problems = []
-    if cfg.top_k < 1:
-        problems.append("--top-k must be at least 1")
-    if cfg.logprob_dtype not in LOGPROB_DTYPES:
-        problems.append(f"--logprob-dtype {cfg.logprob_dtype!r} is not one of {', '.join(LOGPROB_DTYPES)}")
-    for name in ("seq_len", "batch_size", "shard_sequences", "nproc"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if problems:
-        raise RefineError(*problems)
+    cfg.check()  # every field and cross-field check is declared in refine.config
 
 
 def build_cache(cfg: DistillCacheConfig) -> dict:

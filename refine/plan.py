@@ -183,34 +183,100 @@ def plot_capacity_gap(n_params: float, tokens: float, path: str, teacher_loss: f
     plt.close(figure)
 
 
+# What the law can answer. Busbridge et al. fit students of about 1e8 to 1e10 non-embedding parameters on
+# about 1e9 to 1e12 tokens; we allow a hundred times more on either side (params 1e6..1e12, tokens 1e8..1e14)
+# before refusing, since a planning estimate a little outside the fit is still useful and far outside it is
+# not. A teacher loss must lie above the law's irreducible loss E (no model reaches it; at or below it the law
+# has no meaning) and at most 15 nats/token (a uniform guess over 3 million tokens: no trained LM is worse).
+PARAMS_RANGE = (1e6, 1e12)
+TOKENS_RANGE = (1e8, 1e14)
+MAX_TEACHER_LOSS = 15.0
+
+
+def _out_of_range(what: str, value: float, bounds: tuple[float, float], fix: str) -> str | None:
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    return (f"{what} is outside the range the scaling law covers ({_fmt(low)} to {_fmt(high)}, a hundred "
+            f"times past the paper's fit); {fix}")
+
+
+def _teacher_loss_problem(what: str, loss: float) -> str | None:
+    if not math.isfinite(loss) or loss <= SUPERVISED["E"]:
+        return (f"{what} {loss} is at or below the law's irreducible loss E = {SUPERVISED['E']:.3f} nats/token, which no "
+                f"model reaches; give the teacher's measured cross-entropy in nats per token (above {SUPERVISED['E']:.3f})")
+    if loss > MAX_TEACHER_LOSS:
+        return (f"{what} {loss} is above {MAX_TEACHER_LOSS:g} nats/token, worse than any trained LM; give the teacher's "
+                "cross-entropy in nats per token (not bits, not perplexity)")
+    return None
+
+
 def plan(cfg) -> list[str]:
     """The lines `refine plan` prints (see PlanConfig for the options)."""
     from refine.errors import RefineError
 
-    try:
-        n_student = parse_count(cfg.student_params)
-        tokens = parse_count(cfg.tokens) if cfg.tokens else None
-        n_teacher = parse_count(cfg.teacher_params) if cfg.teacher_params else 0.0
-        teacher_tokens = parse_count(cfg.teacher_tokens) if cfg.teacher_tokens else 0.0
-        budget = parse_count(cfg.compute) if cfg.compute else None
-        candidates = [_candidate(c) for c in (cfg.candidate or [])]
-    except ValueError as e:
-        raise RefineError(str(e)) from None
+    problems: list[str] = []
+
+    def count(flag: str, text: str | None, bounds: tuple[float, float] | None, fix: str, default=None):
+        if not text:
+            return default
+        try:
+            value = parse_count(text)
+        except ValueError as e:
+            problems.append(f"{flag}: {e}")
+            return default
+        if bounds is not None:
+            problems.append(_out_of_range(f"{flag} {text}", value, bounds, fix))
+        return value
+
+    n_student = count("--student-params", cfg.student_params, PARAMS_RANGE, "give the student's non-embedding parameters, e.g. 200M")
+    tokens = count("--tokens", cfg.tokens, TOKENS_RANGE, "give the student's training tokens, e.g. 10B")
+    n_teacher = count("--teacher-params", cfg.teacher_params, PARAMS_RANGE, "give the teacher's parameters, e.g. 1.8B", 0.0)
+    teacher_tokens = count("--teacher-tokens", cfg.teacher_tokens, TOKENS_RANGE, "give the teacher's training tokens, e.g. 3T", 0.0)
+    budget = count("--compute", cfg.compute, None, "")
+    candidates = []
+    for text in cfg.candidate or []:
+        try:
+            candidate = _candidate(text)
+        except ValueError as e:
+            problems.append(f"--candidate {text!r}: {e}")
+            continue
+        problems.append(_out_of_range(f"--candidate {text!r}: teacher size {text.partition(':')[0]}", candidate.params, PARAMS_RANGE,
+                                      "give PARAMS[:LOSS], e.g. 1.8B:2.3"))
+        if candidate.loss is not None:
+            problems.append(_teacher_loss_problem(f"--candidate {text!r}: teacher loss", candidate.loss))
+        candidates.append(candidate)
     if cfg.scenario not in SCENARIOS:
-        raise RefineError(f"--scenario {cfg.scenario!r} is not one of {', '.join(SCENARIOS)}")
+        problems.append(f"--scenario {cfg.scenario!r} is not one of {', '.join(SCENARIOS)}; choose one of them")
     teacher_loss = cfg.teacher_loss
     lines = []
     if cfg.from_scores:
         from pathlib import Path
 
         if not (Path(cfg.from_scores) / "data").is_dir():
-            raise RefineError(f"{cfg.from_scores!r} is not a `refine score` output (no data/ folder)")
-        teacher_loss, measured = teacher_loss_from_scores(cfg.from_scores)
-        lines.append(f"teacher loss L_T = {teacher_loss:.4f} nats/token, measured over {measured:,} tokens in {cfg.from_scores}")
-    if teacher_loss is not None and teacher_loss <= 0:
-        raise RefineError("--teacher-loss must be positive (nats per token)")
-    if tokens is None and budget is None:
-        raise RefineError("give --tokens (the student's training tokens) or --compute (a FLOP budget)")
+            problems.append(f"{cfg.from_scores!r} is not a `refine score` output (no data/ folder); give a scores directory")
+        else:
+            teacher_loss, measured = teacher_loss_from_scores(cfg.from_scores)
+            lines.append(f"teacher loss L_T = {teacher_loss:.4f} nats/token, measured over {measured:,} tokens in {cfg.from_scores}")
+    if teacher_loss is not None:
+        problems.append(_teacher_loss_problem("--from-scores: the measured teacher loss" if cfg.from_scores else "--teacher-loss",
+                                              teacher_loss))
+    if tokens is None and budget is None and not cfg.tokens and not cfg.compute:
+        problems.append("give --tokens (the student's training tokens) or --compute (a FLOP budget)")
+    if budget is not None and n_student is not None and _out_of_range("", n_student, PARAMS_RANGE, "") is None:
+        alone_tokens = budget / (6 * n_student)
+        problems.append(_out_of_range(f"--compute {cfg.compute} (the student alone would train on {_fmt(alone_tokens)} tokens)",
+                                      alone_tokens, TOKENS_RANGE,
+                                      "give a budget of 6 x student params x tokens FLOPs, e.g. 1.2e22 for 200M params on 10B tokens"))
+    if cfg.plot:
+        from pathlib import Path
+
+        folder = Path(cfg.plot).expanduser().parent
+        if not folder.is_dir():
+            problems.append(f"--plot {cfg.plot!r}: folder {str(folder)!r} does not exist; create it or give another path")
+    problems = [p for p in problems if p]
+    if problems:
+        raise RefineError(*problems)
     lines.append("Planning estimate from the distillation scaling law of Busbridge et al. (2025), fitted on C4 with "
                  "their architecture and tokenizer; losses on your corpus and tokenizer will differ.")
     if tokens is not None:
@@ -257,4 +323,8 @@ def plan(cfg) -> list[str]:
 
 def _candidate(text: str) -> Candidate:
     params, _, loss = text.partition(":")
-    return Candidate(parse_count(params), float(loss) if loss else None)
+    try:
+        teacher_loss = float(loss) if loss else None
+    except ValueError:
+        raise ValueError(f"{loss!r} is not a loss; write PARAMS:LOSS, e.g. 1.8B:2.3") from None
+    return Candidate(parse_count(params), teacher_loss)

@@ -39,35 +39,7 @@ METRICS = "metrics.jsonl"
 
 
 def validate(cfg: PretrainConfig) -> None:
-    problems = []
-    if cfg.max_steps is None and cfg.max_tokens is None:
-        problems.append("no training budget; give --max-steps or --max-tokens")
-    if cfg.max_steps is not None and cfg.max_tokens is not None:
-        problems.append("both --max-steps and --max-tokens given; choose one")
-    if (cfg.max_steps is not None and cfg.max_steps <= 0) or (cfg.max_tokens is not None and cfg.max_tokens <= 0):
-        problems.append("the training budget must be positive; raise --max-steps / --max-tokens")
-    for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every",
-                 "max_eval_sequences", "nproc"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.seq_len < 2:
-        problems.append("--seq-len must be at least 2 (one token predicts the next)")
-    if not 0 < cfg.eval_fraction < 1:
-        problems.append(f"--eval-fraction {cfg.eval_fraction} must be in (0, 1)")
-    if cfg.lr <= 0:
-        problems.append(f"--lr {cfg.lr} must be positive")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        problems.append(f"--min-lr-ratio {cfg.min_lr_ratio} must be in [0, 1]")
-    if cfg.resume and cfg.overwrite:
-        problems.append("--resume and --overwrite contradict each other; choose one")
-    if cfg.kd_teacher and cfg.kd_cache:
-        problems.append("--kd-teacher and --kd-cache both given; distil from one of them")
-    if not 0 <= cfg.kd_weight <= 1:
-        problems.append(f"--kd-weight {cfg.kd_weight} must be in [0, 1]")
-    if cfg.kd_temperature <= 0:
-        problems.append(f"--kd-temperature {cfg.kd_temperature} must be positive")
-    if problems:
-        raise RefineError(*problems)
+    cfg.check()  # every field and cross-field check is declared in refine.config
 
 
 def global_batch(cfg: PretrainConfig, world_size: int) -> int:

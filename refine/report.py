@@ -22,15 +22,7 @@ GENERATOR = '<meta name="generator" content="refine report">'
 
 
 def validate(cfg: ReportConfig) -> None:
-    problems = []
-    if not 0 < cfg.alpha <= 1:
-        problems.append(f"--alpha {cfg.alpha} is outside (0, 1]; give the fraction to keep, e.g. 0.5")
-    if cfg.n_examples < 1:
-        problems.append(f"--n-examples {cfg.n_examples} must be at least 1")
-    if not cfg.output.endswith((".html", ".htm")):
-        problems.append(f"--output {cfg.output!r} should end in .html")
-    if problems:
-        raise RefineError(*problems)
+    cfg.check()  # every field and cross-field check is declared in refine.config
 
 
 def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict]:

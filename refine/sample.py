@@ -22,15 +22,7 @@ SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
 
 
 def validate(cfg: SampleConfig) -> None:
-    problems = []
-    if not (isinstance(cfg.alpha, (int, float)) and 0 < cfg.alpha <= 1):
-        problems.append(f"--alpha {cfg.alpha} is outside (0, 1]; give the fraction to keep, e.g. 0.5")
-    if cfg.method not in METHODS:
-        problems.append(f"--method {cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
-    if cfg.shard_size_mb < 1:
-        problems.append(f"--shard-size-mb {cfg.shard_size_mb} must be at least 1")
-    if problems:
-        raise RefineError(*problems)
+    cfg.check()  # every field and cross-field check is declared in refine.config
 
 
 def n_kept(n: int, alpha: float) -> int:

@@ -40,29 +40,7 @@ NORMALIZATIONS = ("tokens", "bytes")
 
 
 def validate(cfg: ScoreConfig) -> None:
-    problems = []
-    if cfg.unit not in UNITS:
-        problems.append(f"--unit {cfg.unit!r} is not known; choose document or chunk")
-    if cfg.max_length < 2:
-        problems.append(f"--max-length {cfg.max_length} is too short; use at least 2 tokens")
-    if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.max_length:
-        problems.append(
-            f"--max-tokens-per-batch {cfg.max_tokens_per_batch} is below --max-length {cfg.max_length}; raise it"
-        )
-    if cfg.nproc < 1:
-        problems.append(f"--nproc {cfg.nproc} must be at least 1")
-    if cfg.proxy_fraction is not None and not 0 < cfg.proxy_fraction < 1:
-        problems.append(f"--proxy-fraction {cfg.proxy_fraction} must be in (0, 1)")
-    if cfg.proxy_epochs < 1 or cfg.proxy_lr <= 0 or not 0 < cfg.proxy_alpha <= 1:
-        problems.append("--proxy-epochs must be at least 1, --proxy-lr positive and --proxy-alpha in (0, 1]")
-    if cfg.normalize is not None and cfg.normalize not in NORMALIZATIONS:
-        problems.append(f"--normalize {cfg.normalize!r} is not known; choose tokens or bytes")
-    if cfg.normalize == "bytes" and cfg.unit == "chunk":
-        problems.append("--normalize bytes scores whole documents; use --unit document")
-    if cfg.shard_size < 1:
-        problems.append(f"--shard-size {cfg.shard_size} must be at least 1")
-    if problems:
-        raise RefineError(*problems)
+    cfg.check()  # every field and cross-field check is declared in refine.config
 
 
 def document_windows(token_ids: list[int], start_id: int, max_length: int) -> list[list[int]]:

@@ -142,3 +142,84 @@ def test_bad_input_to_pretrain(tmp_path, teacher_dir, corpus_file):
     bad_yaml.write_text("max_step: 3\n")
     assert_user_error(invoke(*base, "--config", bad_yaml), "unknown key `max_step`")
     assert not (tmp_path / "p" / "manifest.json").exists()
+
+
+def run_refine(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "refine", *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["sample", "s", "-o", "r", "--alpha", "abc"], "--alpha 'abc' is not a number"),
+    (["sample", "s", "-o", "r", "--alpha"], "option '--alpha' requires an argument; see `refine sample --help`"),
+    (["sample", "s", "-o", "r", "--alpah", "0.5"], "no such option: --alpah"),
+    (["sample", "s", "t", "-o", "r"], "got unexpected extra argument"),
+    (["smaple"], "no such command 'smaple'. Did you mean 'sample'?; see `refine --help`"),
+    (["pretrain", "d", "--lr", "nan"], "--lr 'nan' is not a finite number"),
+    (["pretrain", "d", "--adam-beta1", "1.5"], "--adam-beta1 1.5 is outside [0, 1)"),
+    (["pretrain", "d", "--warmup-steps", "-5"], "--warmup-steps -5 must be at least 0"),
+    (["pretrain", "d", "--seed", "-1"], "--seed -1 is outside"),
+    (["score", "d", "--shard-size", "0"], "--shard-size 0 must be at least 1"),
+    (["score", "d", "--dtype", "fp8"], "--dtype 'fp8' is not one of"),
+    (["distill-cache", "d", "--logprob-dtype", "int8"], "--logprob-dtype 'int8' is not one of"),
+    (["plan", "--student-params", "200M", "--tokens", "10B", "--scenario", "free"], "--scenario 'free' is not one of"),
+])
+def test_bad_flags_give_one_line_through_python_dash_m_and_the_runner(args, fragment):
+    process = run_refine(*args)
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr and "Usage" not in process.stderr
+    assert len(process.stderr.strip().splitlines()) == 1 and process.stderr.startswith("error: ")
+    assert fragment in process.stderr
+    assert_user_error(invoke(*args), fragment)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("alpha: true\n", "`alpha: true` in"), ("alpha: 0.1\nalpha: 0.2\n", "appears twice"),
+    ("- 0.5\n", "holds a list"), ("just text\n", "holds a str"), ("shard_size_mb: 2.5\n", "is not an integer"),
+])
+def test_bad_yaml_gives_one_line(tmp_path, text, fragment):
+    (tmp_path / "run.yaml").write_text(text)
+    process = run_refine("sample", tmp_path / "s", "-o", tmp_path / "r", "--config", tmp_path / "run.yaml")
+    assert process.returncode == 2 and process.stderr.count("\n") == 1 and fragment in process.stderr, process.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_version():
+    process = run_refine("--version")
+    assert process.returncode == 0 and process.stdout.strip() == "refine 0.1.0"
+    assert invoke("--version").stdout.strip() == "refine 0.1.0"
+
+
+def test_help_shows_defaults_and_marks_required_options():
+    text = " ".join(runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
+    assert "(default: 0.0006)" in text and "(default: no-resume)" in text and "(default: lean-loss)" in text
+    assert "Tokenizer: hub id, local directory or .gguf file. (required)" in text
+    plan_help = " ".join(runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "200"}).output.replace("│", " ").split())
+    assert "--candidate" in plan_help and "(default: teacher-inference)" in plan_help
+
+
+def test_every_field_becomes_an_option():
+    from refine.cli import app as cli_app
+    from typer.main import get_command
+
+    group = get_command(cli_app)
+    for name, cls in [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig), ("report", ReportConfig),
+                      ("push", PushConfig), ("distill-cache", DistillCacheConfig), ("plan", PlanConfig)]:
+        params = {p.name for p in group.commands[name].params}
+        assert params == {f.name for f in dataclasses.fields(cls)} | {"config"}, name
+
+
+def test_repeatable_list_option_and_yaml_list(tmp_path):
+    args = ["plan", "--student-params", "200M", "--compute", "1e21", "--candidate", "1.8B:2.3", "--candidate", "7B:2.1"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "1.8B (loss 2.300)" in result.stdout and "7B (loss 2.100)" in result.stdout
+    (tmp_path / "plan.yaml").write_text("student_params: 200M\ncompute: 1.0e+21\ncandidate: [1.8B:2.3, 7B:2.1]\n")
+    from_yaml = invoke("plan", "--config", tmp_path / "plan.yaml")
+    assert from_yaml.exit_code == 0 and from_yaml.stdout == result.stdout
+
+
+def test_flags_not_given_keep_yaml_values(tmp_path, tiny_run):
+    (tmp_path / "run.yaml").write_text(f"scores: {tiny_run / 'scores'}\nalpha: 0.2\nmethod: random\nseed: 3\n")
+    result = invoke("sample", "--config", tmp_path / "run.yaml", "-o", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "by random alpha=0.2" in result.stdout

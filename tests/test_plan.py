@@ -81,3 +81,31 @@ def test_cli_prints_both_losses_and_draws_the_u(tmp_path, tiny_run):
     assert "measured over" in measured.output
     bad = runner.invoke(app, ["plan", "--student-params", "200M"])
     assert bad.exit_code == 2 and "--tokens" in bad.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tokens", "10B", "--teacher-loss", "1.2"], "at or below the law's irreducible loss E = 1.220"),
+    (["--tokens", "10B", "--teacher-loss", "0"], "--teacher-loss 0.0 must be positive"),
+    (["--tokens", "10B", "--teacher-loss", "nan"], "is not a finite number"),
+    (["--tokens", "10B", "--teacher-loss", "inf"], "is not a finite number"),
+    (["--tokens", "10B", "--teacher-loss", "40"], "above 15 nats/token"),
+    (["--tokens", "1e20", "--teacher-loss", "2.3"], "--tokens 1e20 is outside the range the scaling law covers"),
+    (["--tokens", "10B", "--teacher-loss", "2.3", "--teacher-params", "5T"], "--teacher-params 5T is outside"),
+    (["--tokens", "-3B"], "must be a positive number"),
+    (["--tokens", "nanB"], "must be a positive number"),
+    (["--compute", "1e12", "--candidate", "1B:2.3"], "--compute 1e12 (the student alone would train on"),
+    (["--compute", "1e21", "--candidate", "1B:1.0"], "--candidate '1B:1.0': teacher loss 1.0 is at or below"),
+    (["--compute", "1e21", "--candidate", "1B:x"], "'x' is not a loss"),
+])
+def test_plan_refuses_what_the_law_cannot_answer(args, fragment):
+    result = CliRunner().invoke(app, ["plan", "--student-params", "200M", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_plan_refuses_a_tiny_student_and_reports_every_problem():
+    result = CliRunner().invoke(app, ["plan", "--student-params", "1000", "--tokens", "1e3", "--teacher-loss", "1.0"])
+    assert result.exit_code == 2
+    assert "--student-params 1000 is outside" in result.stderr and "--tokens 1e3 is outside" in result.stderr
+    assert "irreducible loss" in result.stderr and result.stderr.count("\n") == 1
