@@ -23,6 +23,7 @@ from refine import __version__
 from refine.config import (DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig,
                            flag, load_config)
 from refine.errors import RefineError
+from refine.output import WRITE_FAULTS, write_fault
 
 try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
     from typer._click import exceptions as click_errors
@@ -131,8 +132,12 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
         parameters += [_parameter(f, hints[f.name], positional=False) for f in fields if f.name not in positional]
         parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                             default=typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE.yaml")))
+        parameters.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                            default=typer.Option(False, "--verbose", help=VERBOSE_HELP)))
 
-        def command(config: Optional[str] = None, **flags: Any) -> None:
+        def command(config: Optional[str] = None, verbose: bool = False, **flags: Any) -> None:
+            if not verbose:
+                quiet_libraries()
             run(_stage(lambda: load_config(cls, config, flags)))
 
         command.__signature__ = inspect.Signature(parameters)
@@ -145,6 +150,29 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
     return register
 
 
+VERBOSE_HELP = "Also show the progress bars and info logs of datasets, transformers and huggingface_hub."
+
+
+def quiet_libraries() -> None:
+    """Third-party progress bars and info logs off, so each stage shows one refine bar (--verbose keeps them).
+
+    The variables are read when the libraries are imported (the stages import them lazily, after this);
+    a library imported already is told directly.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' (GGUF de-quantisation) bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split"
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+
+
 def _stage(call: Callable[[], Any]) -> Any:
     """Run `call()`, turning bad user input into one `error:` line with exit code 2."""
     try:
@@ -155,6 +183,17 @@ def _stage(call: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to continue where it stopped", err=True)
         raise typer.Exit(130) from None
+    except OSError as e:  # a fault of the machine that no stage turned into a RefineError itself
+        typer.echo(f"error: {machine_fault(e)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def machine_fault(error: OSError) -> str:
+    """An OSError as `<problem>; <fix>`: a write fault names the file and the fix, anything else the path."""
+    if error.filename is not None and error.errno in WRITE_FAULTS:
+        return str(write_fault(error, error.filename))
+    where = f" ({error.filename})" if error.filename is not None else ""
+    return f"{(error.strerror or str(error)).lower()}{where}; check the path, the disk and the network, then rerun"
 
 
 @config_command("score", ScoreConfig, positional=("data",))
@@ -165,10 +204,11 @@ def score_command(cfg: ScoreConfig) -> None:
     Rerunning an interrupted command continues where it stopped. Many GPUs or nodes: `--nproc N`, or
     `torchrun --nproc_per_node N [--nnodes ...] -m refine score ...`.
     """
+    from refine.proxy import proxy_score
     from refine.score import score
 
     _relaunch_under_torchrun(cfg.nproc)
-    manifest = _stage(lambda: score(cfg))
+    manifest = _stage(lambda: proxy_score(cfg) if cfg.proxy_fraction is not None else score(cfg))
     if "rank" in manifest:  # not rank 0: rank 0 reports
         return
     typer.echo(
@@ -187,9 +227,11 @@ def score_command(cfg: ScoreConfig) -> None:
 @config_command("sample", SampleConfig, positional=("scores",))
 def sample_command(cfg: SampleConfig) -> None:
     """Keep the top-alpha fraction of scored instances; write them as a dataset `datasets.load_dataset` opens."""
-    from refine.push import push
+    from refine.push import check_target, push
     from refine.sample import sample
 
+    if cfg.push_to_hub:
+        _stage(lambda: check_target(cfg.push_to_hub))  # a bad repo id stops before any work, not after it
     m = _stage(lambda: sample(cfg))
     threshold = f"; score threshold {m['threshold']:.4f}" if m["threshold"] is not None else ""
     stats = m["score_stats"]

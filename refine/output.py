@@ -95,6 +95,10 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
+# Errors of writing that are the machine's, not refine's: a full disk or quota, a read-only or forbidden place.
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def write_fault(error: OSError, path: Path | str) -> RefineError:
     """A fault of the machine while writing `path`, as one line with the fix."""
     if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:

@@ -385,6 +385,12 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
         raise RefineError(f"tokenizer {cfg.tokenizer!r} has no EOS token, which packing needs; use another tokenizer")
     model_config = student_config(cfg, tokenizer)  # refuses a --seq-len beyond its positions before any data is read
     data = setup_data(cfg, world, tokenizer)
+    if global_batch(cfg, world.world_size) > data.n_sequences:
+        raise RefineError(
+            f"a global batch of {global_batch(cfg, world.world_size):,} sequences (micro-batch x accumulation x processes) "
+            f"exceeds the {data.n_sequences:,} packed training sequences; lower --micro-batch-size or --grad-accum, "
+            "or add data"
+        )
     trainer = setup_trainer(cfg, world, data, model_config)
     steps, device = trainer.steps, trainer.device
     step = (load_checkpoint(checkpoint, cfg, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler,

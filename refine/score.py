@@ -156,10 +156,8 @@ def score(cfg: ScoreConfig) -> dict:
     Under torchrun each rank scores its own shards (round-robin) and rank 0 writes the manifest.
     """
     validate(cfg)
-    if cfg.proxy_fraction is not None:
-        from refine.proxy import proxy_score
-
-        return proxy_score(cfg)
+    if cfg.proxy_fraction is not None:  # proxy scoring is built on top of this stage, in refine.proxy
+        raise RefineError("score() scores every document; call refine.proxy.proxy_score for --proxy-fraction")
     world = init_world(cfg.device)
     try:
         return _score(cfg, world)

@@ -32,14 +32,13 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from refine.config import ScoreConfig
-    from refine.proxy import top_overlap
-    from refine.score import score
+    from refine.proxy import proxy_score, top_overlap
 
     work = Path(args.workdir)
     exact_manifest = json.loads((work / "scores" / "manifest.json").read_text())
     teacher = exact_manifest["teacher"]["id"]
     output = Path(args.output or work / f"proxy_scores_{args.fraction}")
-    manifest = score(ScoreConfig(data=str(work / "corpus" / "pool.jsonl"), teacher=teacher,
+    manifest = proxy_score(ScoreConfig(data=str(work / "corpus" / "pool.jsonl"), teacher=teacher,
                                  reference=str(work / "reference"), output=str(output), max_length=512,
                                  proxy_fraction=args.fraction, proxy_alpha=args.alpha, proxy_epochs=args.epochs,
                                  proxy_lr=args.lr, overwrite=True))

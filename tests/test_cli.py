@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -205,7 +206,7 @@ def test_every_field_becomes_an_option():
     for name, cls in [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig), ("report", ReportConfig),
                       ("push", PushConfig), ("distill-cache", DistillCacheConfig), ("plan", PlanConfig)]:
         params = {p.name for p in group.commands[name].params}
-        assert params == {f.name for f in dataclasses.fields(cls)} | {"config"}, name
+        assert params == {f.name for f in dataclasses.fields(cls)} | {"config", "verbose"}, name
 
 
 def test_repeatable_list_option_and_yaml_list(tmp_path):
@@ -223,3 +224,27 @@ def test_flags_not_given_keep_yaml_values(tmp_path, tiny_run):
     result = invoke("sample", "--config", tmp_path / "run.yaml", "-o", tmp_path / "r")
     assert result.exit_code == 0, result.output
     assert "by random alpha=0.2" in result.stdout
+
+
+def test_push_target_is_checked_before_sampling(tmp_path, scored):
+    result = invoke("sample", scored, "--output", tmp_path / "r", "--push-to-hub", "not a repo!")
+    assert_user_error(result, "not a valid Hub dataset repo id")
+    assert not (tmp_path / "r").exists()
+
+
+def test_third_party_bars_are_quiet_unless_verbose(tmp_path, scored):
+    def run(output, *extra):  # a fresh datasets cache, so the corpus is read (and its split generated) again
+        env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k and "VERBOSITY" not in k}
+        env["HF_DATASETS_CACHE"] = str(tmp_path / f"cache-{output}")  # (in-process runs above set those variables)
+        return subprocess.run([sys.executable, "-m", "refine", "sample", str(scored), "--output", str(tmp_path / output),
+                               *extra], capture_output=True, text=True, env=env)
+
+    quiet, loud = run("q"), run("l", "--verbose")
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "Generating train split" not in quiet.stderr and "Generating train split" in loud.stderr
+
+
+def test_a_global_batch_beyond_the_data_is_refused(tmp_path, teacher_dir, corpus_file):
+    result = invoke("pretrain", corpus_file, "--tokenizer", teacher_dir, "--output", tmp_path / "p", "--seq-len", 8,
+                    "--model-config", "tiny-llama", "--max-steps", 1, "--grad-accum", 2_000_000_000)
+    assert_user_error(result, "exceeds the", "packed training sequences")

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from refine.config import SampleConfig, ScoreConfig
-from refine.proxy import top_overlap
+from refine.proxy import proxy_score, top_overlap
 from refine.sample import sample
-from refine.score import score
 
 
 def mixed_corpus(path, n=240):
@@ -40,8 +39,8 @@ def test_top_overlap():
 def test_proxy_predicts_the_top_alpha_set_far_better_than_chance(tmp_path, teacher_dir, reference_dir):
     corpus = mixed_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "scores"
-    manifest = score(ScoreConfig(data=str(corpus), teacher=str(teacher_dir), reference=str(reference_dir),
-                                 output=str(out), max_length=64, proxy_fraction=0.4, proxy_epochs=8, proxy_lr=1e-3))
+    manifest = proxy_score(ScoreConfig(data=str(corpus), teacher=str(teacher_dir), reference=str(reference_dir),
+                                       output=str(out), max_length=64, proxy_fraction=0.4, proxy_epochs=8, proxy_lr=1e-3))
     proxy = manifest["proxy"]
     assert proxy["n_exact"] + proxy["n_predicted"] == 240 and proxy["n_exact"] == 96
     assert proxy["top_alpha_overlap"] >= proxy["random_overlap_expected"] + 0.2, proxy
