@@ -112,7 +112,7 @@ class ScoreConfig(CorpusArgs):
     teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file.")
     reference: Optional[str] = required(
         "Reference LM (small, trained on a random split of the corpus): hub id, local directory or .gguf file. "
-        "Must use the teacher's tokenizer."
+        "With the teacher's tokenizer the score is per token (MiniPLM); with its own, per byte (--normalize bytes)."
     )
     output: Optional[str] = required("Directory for the scores (Parquet shards + manifest.json).", result=False)
     id_column: Optional[str] = option(None, "Column with a unique id per document; default: the row index.")
@@ -348,7 +348,7 @@ class DistillCacheConfig(CorpusArgs):
         "Training corpus exactly as `refine pretrain` will read it (e.g. a refined directory)."
     )
     teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file; its tokenizer is the student's.")
-    output: Optional[str] = required("Directory for the cache (shards of top-k ids and log-probs, meta.json last).", result=False)
+    output: Optional[str] = required("Directory for the cache (shards of top-k ids and log-probs, manifest.json last).", result=False)
     top_k: int = option(64, "Teacher tokens kept per position (the most probable ones).", check=at_least(1))
     logprob_dtype: str = option(
         "float16", "Storage of the kept log-probs: `float16` (2 bytes each) or `float32` (4 bytes, exact).",
