@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +99,6 @@ def proxy_score(cfg) -> dict:
 
 
 def _proxy_score(cfg) -> dict:
-    from scipy.stats import spearmanr
-
-    from refine.score import score
-
     started = time.time()
     output = Path(cfg.output).expanduser().absolute()
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
@@ -112,34 +108,97 @@ def _proxy_score(cfg) -> dict:
     rows = np.array([i for i, t in enumerate(texts) if not corpus.is_blank(t)])
     if len(rows) < 10:
         raise RefineError(f"{cfg.data!r} has {len(rows)} non-empty documents; proxy scoring needs at least 10")
+
+    exact, exact_manifest = score_exact_subset(cfg, ds, rows, output)  # 1. the seeded random subset, exactly
+    exact_row, exact_score = exact.column("id").to_numpy(), exact.column("score").to_numpy()
+    tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
+    start = models.start_token_id(tokenizer, cfg.reference)
+
+    def first_windows(row_ids) -> list[list[int]]:
+        encoded = tokenizer([texts[i] for i in row_ids], add_special_tokens=False, verbose=False)["input_ids"]
+        return [[start, *e[: cfg.max_length - 1]] for e in encoded]
+
+    fitted = fit_proxy(cfg, exact_row, exact_score, first_windows)  # 2. reference body + regression head
+    predicted_rows = np.setdiff1d(rows, exact_row)  # 3. everything else, predicted from its first window
+    predicted = _predict(fitted.proxy, first_windows(predicted_rows), fitted.budget, fitted.device, "proxy scoring")
+    predicted = predicted * fitted.std + fitted.mean
+    predicted_tokens = [len(t) for t in tokenizer([texts[i] for i in predicted_rows], add_special_tokens=False,
+                                                  verbose=False)["input_ids"]]
+    table = proxy_table(exact, predicted_rows, predicted, predicted_tokens, ids)
+
+    # ---- finish: FLOPs accounting, the one shard, the card and the manifest last
+    n_tokens_all = int(np.sum(table.column("n_tokens").to_numpy()))
+    teacher_params, ref_params = exact_manifest["teacher"]["n_params"], exact_manifest["reference"]["n_params"]
+    window_tokens = sum(min(t + 1, cfg.max_length) for t in predicted_tokens)
+    train_tokens = sum(len(w) for w in first_windows(exact_row[fitted.train]))
+    flops_exact_all = 2 * (teacher_params + ref_params) * n_tokens_all
+    flops_spent = (2 * (teacher_params + ref_params) * exact_manifest["n_tokens"]
+                   + 6 * ref_params * train_tokens * cfg.proxy_epochs + 2 * ref_params * window_tokens)
+    stats = {"fraction": cfg.proxy_fraction, "n_exact": int(len(exact_row)), "n_predicted": int(len(predicted_rows)),
+             "held_out": int(len(fitted.held)), "spearman": fitted.spearman, "alpha": cfg.proxy_alpha,
+             "top_alpha_overlap": fitted.overlap, "random_overlap_expected": cfg.proxy_alpha,
+             "flops_all_exact": float(flops_exact_all), "flops_spent": float(flops_spent),
+             "flops_saved_fraction": 1 - flops_spent / flops_exact_all, "epochs": cfg.proxy_epochs, "lr": cfg.proxy_lr}
+    run = {k: exact_manifest[k] for k in ("teacher", "reference", "tokenizer", "normalize") if k in exact_manifest}
+    tag = content_tag({"proxy": stats, **run, "source": cfg.data})
+    write_parquet(output / "data" / f"scores-{tag}-proxy.parquet", table.replace_schema_metadata(
+        {"refine_n_tokens": str(n_tokens_all)}))
+    manifest = {
+        "stage": "score", **run_info(), **run, "settings": {**exact_manifest["settings"], "data": cfg.data,
+                                                            "id_column": cfg.id_column, "proxy_fraction": cfg.proxy_fraction},
+        "data": {"source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
+                 "id_column": cfg.id_column, "fingerprint": corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column),
+                 "n_rows": len(ds), "n_blank_skipped": len(ds) - len(rows), "license": ds.info.license or None},
+        "data_files": f"data/scores-{tag}-*.parquet", "n_instances": table.num_rows, "n_tokens": n_tokens_all,
+        "world_size": 1, "proxy": stats, "elapsed_s": round(time.time() - started, 1),
+    }
+    write_text(output / "README.md", scores_card(manifest, manifest["data_files"]))
+    return write_manifest(output, manifest, [f"data/scores-{tag}-proxy.parquet", "README.md"])
+
+
+def score_exact_subset(cfg, ds, rows: np.ndarray, output: Path) -> tuple[pa.Table, dict]:
+    """Score a seeded random `proxy_fraction` of the non-blank rows with teacher and reference: an ordinary,
+    resumable `refine score` run into output/exact/, whose ids are the rows' original positions."""
+    from refine.score import score
+
     n_exact = min(len(rows), max(5, int(np.ceil(cfg.proxy_fraction * len(rows)))))
     exact_rows = np.sort(np.random.default_rng(cfg.proxy_seed).choice(rows, n_exact, replace=False))
-
-    # 1. exact scores of the random subset (an ordinary, resumable scoring run; ids are original row numbers)
-    output.mkdir(parents=True, exist_ok=True)
     subset_file = output / "exact_input.parquet"
     if not subset_file.exists():
         subset = ds.select(exact_rows).add_column(ROW_COLUMN, exact_rows.tolist())
         tmp = output / f".{subset_file.name}.tmp"
         subset.to_parquet(str(tmp))
         tmp.rename(subset_file)
-    exact_manifest = score(replace(cfg, data=str(subset_file), output=str(output / EXACT_DIR), proxy_fraction=None,
-                                   id_column=ROW_COLUMN, split="train", name=None, overwrite=False)) \
-        if not (output / EXACT_DIR / MANIFEST).exists() else verify(output / EXACT_DIR, "score")
-    exact = pq.read_table([output / EXACT_DIR / f["path"] for f in exact_manifest["files"] if f["path"].endswith(".parquet")])
-    exact_row = exact.column("id").to_numpy()
-    exact_score = exact.column("score").to_numpy()
+    if (output / EXACT_DIR / MANIFEST).exists():
+        manifest = verify(output / EXACT_DIR, "score")
+    else:
+        manifest = score(replace(cfg, data=str(subset_file), output=str(output / EXACT_DIR), proxy_fraction=None,
+                                 id_column=ROW_COLUMN, split="train", name=None, overwrite=False))
+    shards = [output / EXACT_DIR / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
+    return pq.read_table(shards), manifest
 
-    # 2. the proxy: reference body + regression head, on the first window of each document
-    tokenizer = models.load_tokenizer(cfg.reference, cfg.reference_revision, cfg.trust_remote_code)
-    start = models.start_token_id(tokenizer, cfg.reference)
+
+@dataclass
+class FittedProxy:
+    """The trained proxy, the standardisation of its targets, and how well it did on held-out exact rows."""
+
+    proxy: ProxyRegressor
+    mean: float
+    std: float
+    train: np.ndarray  # positions in the exact table
+    held: np.ndarray
+    spearman: float
+    overlap: float
+    device: torch.device
+    budget: int  # tokens per prediction batch
+
+
+def fit_proxy(cfg, exact_row: np.ndarray, exact_score: np.ndarray, first_windows) -> FittedProxy:
+    """Fine-tune the reference + head on 80% of the exact rows; measure it on the other 20%."""
+    from scipy.stats import spearmanr
+
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-
-    def first_windows(row_ids) -> list[list[int]]:
-        encoded = tokenizer([texts[i] for i in row_ids], add_special_tokens=False, verbose=False)["input_ids"]
-        return [[start, *e[: cfg.max_length - 1]] for e in encoded]
-
     torch.manual_seed(cfg.proxy_seed)
     lm = models.load_causal_lm(cfg.reference, cfg.reference_revision, dtype, device, cfg.trust_remote_code)
     proxy = ProxyRegressor(lm).to(device)
@@ -150,52 +209,21 @@ def _proxy_score(cfg) -> dict:
     _train(proxy, first_windows(exact_row[train]), (exact_score[train] - mean) / std, cfg, device)
     budget = max(cfg.max_length, 2048)
     held_prediction = _predict(proxy, first_windows(exact_row[held]), budget, device, "proxy held-out") * std + mean
-    correlation = float(spearmanr(held_prediction, exact_score[held]).statistic)
-    overlap = top_overlap(held_prediction, exact_score[held], cfg.proxy_alpha)
+    return FittedProxy(proxy, mean, std, train, held, float(spearmanr(held_prediction, exact_score[held]).statistic),
+                       top_overlap(held_prediction, exact_score[held], cfg.proxy_alpha), device, budget)
 
-    # 3. predictions for everything else
-    predicted_rows = np.setdiff1d(rows, exact_row)
-    predicted = _predict(proxy, first_windows(predicted_rows), budget, device, "proxy scoring") * std + mean
-    predicted_tokens = [len(t) for t in tokenizer([texts[i] for i in predicted_rows], add_special_tokens=False,
-                                                  verbose=False)["input_ids"]]
 
-    id_type = corpus.arrow_type_for_ids(ids)
-    n = len(exact_row) + len(predicted_rows)
+def proxy_table(exact: pa.Table, predicted_rows: np.ndarray, predicted: np.ndarray, predicted_tokens: list[int],
+                ids: list) -> pa.Table:
+    """The scores table: exact rows with their log-probs, predicted rows with null log-probs; `exact` tells which."""
+    exact_row = exact.column("id").to_numpy()
     null = pa.nulls(len(predicted_rows), pa.float64())
-    table = pa.table({
-        "id": pa.array([ids[i] for i in exact_row] + [ids[i] for i in predicted_rows], type=id_type),
+    return pa.table({
+        "id": pa.array([ids[i] for i in exact_row] + [ids[i] for i in predicted_rows], type=corpus.arrow_type_for_ids(ids)),
         "n_tokens": pa.concat_arrays([exact.column("n_tokens").combine_chunks(),
                                       pa.array(predicted_tokens, type=pa.int64())]),
         "teacher_logprob": pa.concat_arrays([exact.column("teacher_logprob").combine_chunks(), null]),
         "ref_logprob": pa.concat_arrays([exact.column("ref_logprob").combine_chunks(), null]),
-        "score": pa.array(np.concatenate([exact_score, predicted]), type=pa.float64()),
+        "score": pa.array(np.concatenate([exact.column("score").to_numpy(), predicted]), type=pa.float64()),
         "exact": pa.array([True] * len(exact_row) + [False] * len(predicted_rows)),
     }).sort_by("id")
-    n_tokens_all = int(np.sum(table.column("n_tokens").to_numpy()))
-    teacher_params, ref_params = exact_manifest["teacher"]["n_params"], exact_manifest["reference"]["n_params"]
-    window_tokens = sum(min(t + 1, cfg.max_length) for t in predicted_tokens)
-    train_tokens = sum(len(w) for w in first_windows(exact_row[train]))
-    flops_exact_all = 2 * (teacher_params + ref_params) * n_tokens_all
-    flops_spent = (2 * (teacher_params + ref_params) * exact_manifest["n_tokens"]
-                   + 6 * ref_params * train_tokens * cfg.proxy_epochs + 2 * ref_params * window_tokens)
-    stats = {"fraction": cfg.proxy_fraction, "n_exact": int(len(exact_row)), "n_predicted": int(len(predicted_rows)),
-             "held_out": int(n_held), "spearman": correlation, "alpha": cfg.proxy_alpha, "top_alpha_overlap": overlap,
-             "random_overlap_expected": cfg.proxy_alpha, "flops_all_exact": float(flops_exact_all),
-             "flops_spent": float(flops_spent), "flops_saved_fraction": 1 - flops_spent / flops_exact_all,
-             "epochs": cfg.proxy_epochs, "lr": cfg.proxy_lr}
-    run = {k: exact_manifest[k] for k in ("teacher", "reference", "tokenizer", "normalize") if k in exact_manifest}
-    tag = content_tag({"proxy": stats, **run, "source": cfg.data})
-    (output / "data").mkdir(exist_ok=True)
-    write_parquet(output / "data" / f"scores-{tag}-proxy.parquet", table.replace_schema_metadata(
-        {"refine_n_tokens": str(n_tokens_all)}))
-    manifest = {
-        "stage": "score", **run_info(), **run, "settings": {**exact_manifest["settings"], "data": cfg.data,
-                                                            "id_column": cfg.id_column, "proxy_fraction": cfg.proxy_fraction},
-        "data": {"source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
-                 "id_column": cfg.id_column, "fingerprint": corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column),
-                 "n_rows": len(ds), "n_blank_skipped": len(ds) - len(rows), "license": ds.info.license or None},
-        "data_files": f"data/scores-{tag}-*.parquet", "n_instances": n, "n_tokens": n_tokens_all, "world_size": 1,
-        "proxy": stats, "elapsed_s": round(time.time() - started, 1),
-    }
-    write_text(output / "README.md", scores_card(manifest, manifest["data_files"]))
-    return write_manifest(output, manifest, [f"data/scores-{tag}-proxy.parquet", "README.md"])

@@ -1,9 +1,14 @@
 """The MiniPLM experiment script end to end in --quick mode (tiny random teacher instead of SmolLM2)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "experiment.py"
 
@@ -21,7 +26,14 @@ def test_quick_experiment_writes_table_json_and_plot(tmp_path, teacher_dir):
     assert {"llama/difference_a0.3", "llama/difference_a0.7"} <= set(summary)
     tokens = {run["tokens"] for run in results["runs"]}
     assert len(tokens) == 1  # every arm trained on the same number of tokens
-    assert results["kept_fraction"]["difference"]["noise"] <= 1.0
+    # the kept fractions per source, recomputed independently: top half of the pool by score (ties: smaller id)
+    pool = pd.read_json(work / "corpus" / "pool.jsonl", lines=True)
+    scores = datasets.load_dataset(str(work / "scores"), split="train").to_pandas()
+    top = scores.sort_values(["score", "id"], ascending=[False, True]).head(math.ceil(0.5 * len(scores)))
+    kept = pool.loc[top["id"], "source"].value_counts()
+    for source, fraction in results["kept_fraction"]["difference"].items():
+        if source != "tokens_kept":
+            assert fraction == pytest.approx(kept.get(source, 0) / (pool["source"] == source).sum()), source
     table = (work / "results.md").read_text()
     assert "| llama | difference |" in table and "Kept fraction" in table
     assert (work / "results.png").stat().st_size > 10_000
