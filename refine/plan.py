@@ -19,6 +19,7 @@ training 6 N_T D_T where the scenario counts it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,8 +212,42 @@ def _teacher_loss_problem(what: str, loss: float) -> str | None:
     return None
 
 
+@dataclass
+class PlanInputs:
+    """`refine plan`'s options as numbers, checked against what the law can answer."""
+
+    n_student: float
+    tokens: float | None
+    n_teacher: float
+    teacher_tokens: float
+    budget: float | None
+    candidates: list
+    teacher_loss: float | None
+    notes: list  # lines to print before the estimate (e.g. the measured teacher loss)
+
+
 def plan(cfg) -> list[str]:
     """The lines `refine plan` prints (see PlanConfig for the options)."""
+    inputs = read_inputs(cfg)
+    lines = [*inputs.notes, "Planning estimate from the distillation scaling law of Busbridge et al. (2025), fitted on C4 "
+             "with their architecture and tokenizer; losses on your corpus and tokenizer will differ."]
+    if inputs.tokens is not None:
+        lines += token_lines(inputs, cfg.scenario)
+    rows = budget_rows(inputs, cfg.scenario) if inputs.budget is not None else None
+    if rows is not None:
+        lines.append(f"budget {inputs.budget:.3e} FLOPs, student {_fmt(inputs.n_student)} params, scenario {cfg.scenario}:")
+        for row in rows:
+            lines.append(f"  {row['teacher']:<45} student tokens {_fmt(row['tokens']):>7}  predicted loss {row['student_loss']:.4f}")
+        lines.append(f"  best: {rows[0]['teacher']}")
+    lines.append(CAPACITY_GAP_GUIDANCE)
+    if cfg.plot:
+        plot_capacity_gap(inputs.n_student, inputs.tokens or rows[0]["tokens"], cfg.plot, inputs.teacher_loss)
+        lines.append(f"wrote {cfg.plot}")
+    return lines
+
+
+def read_inputs(cfg) -> PlanInputs:
+    """Parse and check every option; raise one RefineError naming every problem."""
     from refine.errors import RefineError
 
     problems: list[str] = []
@@ -248,16 +283,13 @@ def plan(cfg) -> list[str]:
         candidates.append(candidate)
     if cfg.scenario not in SCENARIOS:
         problems.append(f"--scenario {cfg.scenario!r} is not one of {', '.join(SCENARIOS)}; choose one of them")
-    teacher_loss = cfg.teacher_loss
-    lines = []
+    teacher_loss, notes = cfg.teacher_loss, []
     if cfg.from_scores:
-        from pathlib import Path
-
         if not (Path(cfg.from_scores) / "data").is_dir():
             problems.append(f"{cfg.from_scores!r} is not a `refine score` output (no data/ folder); give a scores directory")
         else:
             teacher_loss, measured = teacher_loss_from_scores(cfg.from_scores)
-            lines.append(f"teacher loss L_T = {teacher_loss:.4f} nats/token, measured over {measured:,} tokens in {cfg.from_scores}")
+            notes.append(f"teacher loss L_T = {teacher_loss:.4f} nats/token, measured over {measured:,} tokens in {cfg.from_scores}")
     if teacher_loss is not None:
         problems.append(_teacher_loss_problem("--from-scores: the measured teacher loss" if cfg.from_scores else "--teacher-loss",
                                               teacher_loss))
@@ -268,57 +300,54 @@ def plan(cfg) -> list[str]:
         problems.append(_out_of_range(f"--compute {cfg.compute} (the student alone would train on {_fmt(alone_tokens)} tokens)",
                                       alone_tokens, TOKENS_RANGE,
                                       "give a budget of 6 x student params x tokens FLOPs, e.g. 1.2e22 for 200M params on 10B tokens"))
-    if cfg.plot:
-        from pathlib import Path
-
-        folder = Path(cfg.plot).expanduser().parent
-        if not folder.is_dir():
-            problems.append(f"--plot {cfg.plot!r}: folder {str(folder)!r} does not exist; create it or give another path")
+    if cfg.plot and not Path(cfg.plot).expanduser().parent.is_dir():
+        problems.append(f"--plot {cfg.plot!r}: folder {str(Path(cfg.plot).expanduser().parent)!r} does not exist; "
+                        "create it or give another path")
+    if budget is not None and not candidates and teacher_loss is None and not n_teacher:
+        problems.append("--compute needs teachers to compare: --candidate PARAMS[:LOSS] or --teacher-params/--teacher-loss")
     problems = [p for p in problems if p]
     if problems:
         raise RefineError(*problems)
-    lines.append("Planning estimate from the distillation scaling law of Busbridge et al. (2025), fitted on C4 with "
-                 "their architecture and tokenizer; losses on your corpus and tokenizer will differ.")
-    if tokens is not None:
-        alone = supervised_loss(n_student, tokens)
-        lines.append(f"student {_fmt(n_student)} params, {_fmt(tokens)} tokens:")
-        lines.append(f"  without a teacher: loss {alone:.4f}, compute {compute(n_student, tokens, scenario='best-case'):.3e} FLOPs")
-        if teacher_loss is not None:
-            distilled = distilled_loss(teacher_loss, n_student, tokens)
-            cost = compute(n_student, tokens, n_teacher, teacher_tokens, scenario=cfg.scenario)
-            notes = [f"teacher {_fmt(n_teacher)} params" if n_teacher else "teacher size not given: its costs not counted"]
-            if SCENARIOS[cfg.scenario][1] and n_teacher and not teacher_tokens:
-                notes.append("teacher training not counted: give --teacher-tokens")
-            lines.append(f"  distilled from a teacher of loss {teacher_loss:.4f} ({'; '.join(notes)}): loss {distilled:.4f}, "
-                         f"compute {cost:.3e} FLOPs ({cfg.scenario})")
-            better = "distillation" if distilled < alone else "training without a teacher"
-            lines.append(f"  at these tokens {better} is better by {abs(alone - distilled):.4f} nats/token")
-            if n_teacher:
-                same_compute_tokens = cost / (6 * n_student)
-                lines.append(f"  the distillation's compute would train the student alone on {_fmt(same_compute_tokens)} "
-                             f"tokens: loss {supervised_loss(n_student, same_compute_tokens):.4f}")
-            best = best_teacher_loss(n_student, tokens)
-            lines.append(f"  best teacher loss for this student and token count: {best:.3f} (student loss "
-                         f"{distilled_loss(best, n_student, tokens):.4f})"
-                         + ("; your teacher is past the capacity-gap minimum" if teacher_loss < best else ""))
-    if budget is not None:
-        if not candidates:
-            if teacher_loss is None and not n_teacher:
-                raise RefineError("--compute needs teachers to compare: --candidate PARAMS[:LOSS] or --teacher-params/--teacher-loss")
-            candidates = [Candidate(n_teacher or 0.0, teacher_loss)]
-        try:
-            rows = best_plan(n_student, budget, candidates, cfg.scenario)
-        except ValueError as e:
-            raise RefineError(f"{e}; give PARAMS:LOSS for it, or the scenario teacher-pretraining") from None
-        lines.append(f"budget {budget:.3e} FLOPs, student {_fmt(n_student)} params, scenario {cfg.scenario}:")
-        for row in rows:
-            lines.append(f"  {row['teacher']:<45} student tokens {_fmt(row['tokens']):>7}  predicted loss {row['student_loss']:.4f}")
-        lines.append(f"  best: {rows[0]['teacher']}")
-    lines.append(CAPACITY_GAP_GUIDANCE)
-    if cfg.plot:
-        plot_capacity_gap(n_student, tokens or rows[0]["tokens"], cfg.plot, teacher_loss)
-        lines.append(f"wrote {cfg.plot}")
+    return PlanInputs(n_student, tokens, n_teacher, teacher_tokens, budget, candidates, teacher_loss, notes)
+
+
+def token_lines(inputs: PlanInputs, scenario: str) -> list[str]:
+    """The student at --tokens: alone, distilled, the same compute spent alone, and the best teacher loss."""
+    n_student, tokens, teacher_loss, n_teacher = inputs.n_student, inputs.tokens, inputs.teacher_loss, inputs.n_teacher
+    alone = supervised_loss(n_student, tokens)
+    lines = [f"student {_fmt(n_student)} params, {_fmt(tokens)} tokens:",
+             f"  without a teacher: loss {alone:.4f}, compute {compute(n_student, tokens, scenario='best-case'):.3e} FLOPs"]
+    if teacher_loss is None:
+        return lines
+    distilled = distilled_loss(teacher_loss, n_student, tokens)
+    cost = compute(n_student, tokens, n_teacher, inputs.teacher_tokens, scenario=scenario)
+    notes = [f"teacher {_fmt(n_teacher)} params" if n_teacher else "teacher size not given: its costs not counted"]
+    if SCENARIOS[scenario][1] and n_teacher and not inputs.teacher_tokens:
+        notes.append("teacher training not counted: give --teacher-tokens")
+    lines.append(f"  distilled from a teacher of loss {teacher_loss:.4f} ({'; '.join(notes)}): loss {distilled:.4f}, "
+                 f"compute {cost:.3e} FLOPs ({scenario})")
+    better = "distillation" if distilled < alone else "training without a teacher"
+    lines.append(f"  at these tokens {better} is better by {abs(alone - distilled):.4f} nats/token")
+    if n_teacher:
+        same_compute_tokens = cost / (6 * n_student)
+        lines.append(f"  the distillation's compute would train the student alone on {_fmt(same_compute_tokens)} "
+                     f"tokens: loss {supervised_loss(n_student, same_compute_tokens):.4f}")
+    best = best_teacher_loss(n_student, tokens)
+    lines.append(f"  best teacher loss for this student and token count: {best:.3f} (student loss "
+                 f"{distilled_loss(best, n_student, tokens):.4f})"
+                 + ("; your teacher is past the capacity-gap minimum" if teacher_loss < best else ""))
     return lines
+
+
+def budget_rows(inputs: PlanInputs, scenario: str) -> list[dict]:
+    """The best plan for each candidate teacher at --compute (the given teacher when no candidate is named)."""
+    from refine.errors import RefineError
+
+    candidates = inputs.candidates or [Candidate(inputs.n_teacher or 0.0, inputs.teacher_loss)]
+    try:
+        return best_plan(inputs.n_student, inputs.budget, candidates, scenario)
+    except ValueError as e:
+        raise RefineError(f"{e}; give PARAMS:LOSS for it, or the scenario teacher-pretraining") from None
 
 
 def _candidate(text: str) -> Candidate:
