@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from refine import models, packed
 from refine.config import DistillCacheConfig, result_settings
-from refine.distributed import World, close_world, init_world, rank_device
+from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
 from refine.lm_loss import Teacher, chunk_rows, has_plain_head
 from refine.output import claim, run_info, verify, write_manifest
@@ -141,19 +141,11 @@ def validate(cfg: DistillCacheConfig) -> None:
 def build_cache(cfg: DistillCacheConfig) -> dict:
     """Write the teacher's top-k cache for every packed training sequence. Returns the manifest (written last)."""
     validate(cfg)
-    world = init_world(cfg.device)
-    try:
-        run = {"settings": result_settings(cfg), "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision)}
-        claimed = world.on_main(lambda: claim(cfg.output, "distill-cache", [cfg.data, cfg.eval_data, cfg.teacher,
-                                                                           cfg.token_cache], cfg.overwrite, run))
-        try:
-            world.barrier()
-            return _build_cache(cfg, world)
-        finally:
-            if claimed is not None:
-                claimed.release()
-    finally:
-        close_world(world)
+    run = {"settings": result_settings(cfg), "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision)}
+    inputs = [cfg.data, cfg.eval_data, cfg.teacher, cfg.token_cache]
+    with joined_world(cfg.device) as world, \
+            world.holding(lambda: claim(cfg.output, "distill-cache", inputs, cfg.overwrite, run)):
+        return _build_cache(cfg, world)
 
 
 def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:

@@ -5,6 +5,7 @@ A single process needs no launcher: WORLD_SIZE unset means world size 1 and ever
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -47,6 +48,17 @@ class World:
             raise RefineError("rank 0 stopped with an error (printed above); fix it and rerun")
         return result
 
+    @contextlib.contextmanager
+    def holding(self, claim):
+        """Rank 0 claims the output with `claim()` and holds its lock for the block; every rank starts together."""
+        claimed = self.on_main(claim)
+        try:
+            self.barrier()
+            yield claimed
+        finally:
+            if claimed is not None:
+                claimed.release()
+
     def _share(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag
@@ -72,6 +84,16 @@ def init_world(device_name: str = "auto") -> World:
         # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=24))
     return World(rank, world_size, local_rank)
+
+
+@contextlib.contextmanager
+def joined_world(device_name: str = "auto"):
+    """This process's place among torchrun's (world size 1 without torchrun), left again at the end."""
+    world = init_world(device_name)
+    try:
+        yield world
+    finally:
+        close_world(world)
 
 
 def close_world(world: World) -> None:

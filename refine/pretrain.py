@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_
 
 from refine import distill, models, packed
 from refine.config import PretrainConfig, result_settings
-from refine.distributed import World, close_world, init_world, rank_device
+from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
 from refine.flops import device_peak, matmul_params
 from refine.lm_loss import CausalLMLoss
@@ -266,18 +266,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     Under torchrun every rank calls this; rank 0 writes the files and returns the manifest.
     """
     validate(cfg)
-    world = init_world(cfg.device)
-    try:
-        inputs = [cfg.data, cfg.eval_data, cfg.tokenizer, cfg.model_config, cfg.kd_teacher, cfg.kd_cache, cfg.token_cache]
-        claimed = world.on_main(lambda: claim(cfg.output, "pretrain", inputs, cfg.overwrite))
-        try:
-            world.barrier()
-            return _pretrain(cfg, world)
-        finally:
-            if claimed is not None:
-                claimed.release()
-    finally:
-        close_world(world)
+    inputs = [cfg.data, cfg.eval_data, cfg.tokenizer, cfg.model_config, cfg.kd_teacher, cfg.kd_cache, cfg.token_cache]
+    with joined_world(cfg.device) as world, world.holding(lambda: claim(cfg.output, "pretrain", inputs, cfg.overwrite)):
+        return _pretrain(cfg, world)
 
 
 @dataclass
