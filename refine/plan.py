@@ -144,7 +144,7 @@ def parse_count(text: str) -> float:
     except ValueError:
         raise ValueError(f"{text!r} is not a count; write e.g. 200M, 1.8B, 10B or 1e21") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} must be a positive number")
+        raise ValueError(f"{text!r} must be a positive, finite number; write e.g. 200M, 1.8B, 10B or 1e21")
     return value
 
 

@@ -116,7 +116,7 @@ def main() -> None:
           f"{teacher['eval_loss']:.3f}; student: {STUDENT['num_hidden_layers']} layers, d={STUDENT['hidden_size']}; "
           f"{student_steps} steps x 8 x {SEQ_LEN} tokens each; vocabulary {len(tokenizer)}; "
           f"{len(eval_sequences)} held-out sequences")
-    print(f"| student arm | held-out KL(teacher ‖ student) | held-out CE | tokens/s |")
+    print("| student arm | held-out KL(teacher ‖ student) | held-out CE | tokens/s |")
     print("|---|---|---|---|")
     for arm, kl, ce, speed in rows:
         print(f"| {arm} | {kl:.4f} | {ce:.4f} | {speed:,.0f} |")

@@ -69,7 +69,7 @@ def test_pipeline_end_to_end(tmp_path, teacher_dir, reference_dir, corpus_file):
     assert min(kept["score"]) >= all_scores["score"].median() - 1e-12
 
     config = tmp_path / "student.yaml"
-    config.write_text(f"model_config: tiny-llama\nseq_len: 16\nmax_steps: 5\nmicro_batch_size: 2\neval_fraction: 0.25\n")
+    config.write_text("model_config: tiny-llama\nseq_len: 16\nmax_steps: 5\nmicro_batch_size: 2\neval_fraction: 0.25\n")
     result = invoke("pretrain", refined, "--config", config, "--tokenizer", teacher_dir, "--output", student, "--max-steps", 3)
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(student)

@@ -18,7 +18,7 @@ CLASS_BY_COMMAND = {"score": ScoreConfig, "sample": SampleConfig, "pretrain": Pr
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_loads_and_opens_with_its_command(path):
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith(f"# refine ") and f"--config configs/{path.name}" in first_line
+    assert first_line.startswith("# refine ") and f"--config configs/{path.name}" in first_line
     command = first_line.split()[2]
     cls = CLASS_BY_COMMAND[command]
     # the opening command may pass required values on the command line (e.g. the teacher's local path)

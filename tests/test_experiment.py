@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "experiment.py"
 
 
+@pytest.mark.slow
 def test_quick_experiment_writes_table_json_and_plot(tmp_path, teacher_dir):
     work = tmp_path / "exp"
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--teacher", str(teacher_dir), "--workdir", str(work)],

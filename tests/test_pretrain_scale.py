@@ -141,6 +141,7 @@ def test_data_order_is_a_pure_function_of_the_global_position():
 # ---------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", [{}, {"fsdp": True}], ids=["ddp", "fsdp"])
 def test_two_processes_give_the_loss_curve_of_one_with_the_same_global_batch(setup, tmp_path, sharding):
     single = tmp_path / "single"
@@ -178,6 +179,7 @@ def kill_mid_run(run: subprocess.Popen, output: Path) -> None:
 STEPS = dict(max_steps=300, save_every=25, eval_every=150, log_every=25)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_on_another_process_count_ends_where_an_uninterrupted_run_does(setup, tmp_path):
     straight = tmp_path / "straight"
     pretrain(PretrainConfig(**args(setup, straight, micro_batch_size=4, **STEPS)))
@@ -191,6 +193,7 @@ def test_sigkill_then_resume_on_another_process_count_ends_where_an_uninterrupte
     assert [r["step"] for r in metrics(killed)] == [r["step"] for r in metrics(straight)]
 
 
+@pytest.mark.slow
 def test_fsdp_run_killed_and_resumed_matches_an_uninterrupted_one(setup, tmp_path):
     straight = tmp_path / "straight"
     pretrain(PretrainConfig(**args(setup, straight, micro_batch_size=4, **STEPS)))

@@ -149,6 +149,7 @@ def draws(command: str):
         lambda chosen: st.fixed_dictionaries({name: value(name) for name in chosen}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_any_option_value_gives_success_or_one_error_line(command, inputs):
     cls, positional, _ = COMMANDS[command]

@@ -36,6 +36,7 @@ def test_top_overlap():
     assert top_overlap(-exact, exact, 0.3) == 0.0
 
 
+@pytest.mark.slow
 def test_proxy_predicts_the_top_alpha_set_far_better_than_chance(tmp_path, teacher_dir, reference_dir):
     corpus = mixed_corpus(tmp_path / "corpus.jsonl")
     out = tmp_path / "scores"

@@ -2,12 +2,10 @@ import json
 import shutil
 
 import datasets
-import pyarrow.parquet as pq
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CORPUS, save_tiny_model
+from conftest import CORPUS
 from refine.config import ScoreConfig
 from refine.errors import RefineError
 from refine.score import score

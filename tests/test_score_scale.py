@@ -49,6 +49,7 @@ def uninterrupted(models, long_corpus, tmp_path_factory):
     return read(output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_shards", [1, 10, 30])
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, long_corpus, uninterrupted, kill_after_shards):
     output = tmp_path / "scores"
@@ -73,6 +74,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, long_corpus, 
     assert len(list(data.glob("scores-*.parquet"))) == N_DOCS
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path, models, long_corpus, uninterrupted):
     output = tmp_path / "scores"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
