@@ -47,22 +47,29 @@ class Teacher:
             return self.logits[rows].float()
         return (self.hidden[rows] @ self.head_weight.T).float()
 
+    def target(self, rows: slice, tau: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log q, ids): the teacher's tempered log-probs of these positions, over the whole vocabulary (ids None)
+        or, from a top-k cache, renormalised over the kept ids."""
+        if self.top_ids is not None:
+            return torch.log_softmax(self.top_logprobs[rows].float() / tau, dim=-1), self.top_ids[rows].long()
+        return torch.log_softmax(self.dense_logits(rows) / tau, dim=-1), None
+
     def kl_and_grad(self, student_logits: torch.Tensor, rows: slice, tau: float):
         """(KL(q || p_s^tau) per row, d KL / d student logits) with q the teacher's tempered distribution."""
         log_p = torch.log_softmax(student_logits / tau, dim=-1)
-        if self.top_ids is not None:
-            ids = self.top_ids[rows].long()
-            log_q = torch.log_softmax(self.top_logprobs[rows].float() / tau, dim=-1)
-            q = log_q.exp()
-            kl = (q * (log_q - log_p.gather(1, ids))).sum(-1)
-            grad = log_p.exp()
-            grad.scatter_add_(1, ids, -q)
+        log_q, ids = self.target(rows, tau)
+        q = log_q.exp()
+        grad = log_p.exp()  # d KL / d logits = (p - q) / tau, q zero outside the kept ids
+        if ids is None:
+            grad -= q
         else:
-            log_q = torch.log_softmax(self.dense_logits(rows) / tau, dim=-1)
-            q = log_q.exp()
-            kl = (q * (log_q - log_p)).sum(-1)
-            grad = log_p.exp() - q
-        return kl, grad / tau
+            grad.scatter_add_(1, ids, -q)
+        return kl_divergence(log_q, ids, log_p), grad / tau
+
+
+def kl_divergence(log_q: torch.Tensor, ids: torch.Tensor | None, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) per row, with q given over all of p's entries (ids None) or over the entries `ids` only."""
+    return (log_q.exp() * (log_q - (log_p if ids is None else log_p.gather(1, ids)))).sum(-1)
 
 
 class _LinearDistillLoss(torch.autograd.Function):
@@ -143,14 +150,8 @@ def distill_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, teache
     ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
     if teacher is None or kd_weight == 0:
         return (ce * keep).sum()
-    log_p = torch.log_softmax(logits / tau, dim=-1)
-    if teacher.top_ids is not None:
-        log_q = torch.log_softmax(teacher.top_logprobs.float() / tau, dim=-1)
-        kl = (log_q.exp() * (log_q - log_p.gather(1, teacher.top_ids.long()))).sum(-1)
-    else:
-        teacher_logits = teacher.logits if teacher.logits is not None else teacher.hidden @ teacher.head_weight.T
-        log_q = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
-        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_q, ids = teacher.target(slice(None), tau)
+    kl = kl_divergence(log_q, ids, torch.log_softmax(logits / tau, dim=-1))
     return (((1 - kd_weight) * ce + kd_weight * tau**2 * kl) * keep).sum()
 
 

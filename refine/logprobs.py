@@ -11,6 +11,8 @@ import inspect
 
 import torch
 
+from refine.lm_loss import chunk_rows
+
 # Size of one (chunk tokens x vocabulary) fp32 logits block: ~500 tokens of a 49k vocabulary, which
 # measured faster on CPU than 128 or 1024 tokens per chunk (cache-sized blocks).
 LOGITS_CHUNK_BYTES = 96 * 2**20
@@ -61,8 +63,7 @@ def _head_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> 
         extra = {"bias": head.bias} if head.bias is not None else {}
         loss = fused(hidden, head.weight, targets, softcap=softcap, reduction="none", **extra)
         return -loss.float()
-    vocab = head.weight.shape[0]
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    chunk = chunk_rows(hidden.device, head.weight.shape[0], LOGITS_CHUNK_BYTES)
     pieces = []
     for start in range(0, hidden.shape[0], chunk):
         logits = head(hidden[start : start + chunk]).float()  # (chunk, V)
