@@ -412,15 +412,11 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
             if world.world_size > 1:
                 loss_sum = _all_reduce_sum(loss_sum.reshape(1), device)[0] / world.world_size
             tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
-            mfu = flops_per_token * tokens_per_s / (peak * world.world_size)
             record = {"step": step, "tokens": step * tokens_per_step, "loss": float(loss_sum),
                       "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                      "mfu": mfu, **(record or {})}
+                      "mfu": flops_per_token * tokens_per_s / (peak * world.world_size), **(record or {})}
             if world.is_main:
-                with open(output / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{float(loss_sum):.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-",
-                                     tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                _log(output / METRICS, record, progress, eval_loss)
             window_start, window_tokens = time.time(), 0
         progress.update(1)
         if step % cfg.save_every == 0 or step == steps:
@@ -429,26 +425,25 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
     progress.close()
 
     # ---- finish: the model in safetensors with its tokenizer, the manifest last
-    manifest = {
-        "stage": "pretrain",
-        **run_info(),
-        "settings": asdict(cfg),
-        "model_type": trainer.model.config.model_type,
-        "n_params": sum(p.numel() for p in trainer.model.parameters()),
-        "world_size": world.world_size,
-        "global_batch": global_batch(cfg, world.world_size),
-        "steps": steps,
-        "tokens": steps * tokens_per_step,
-        "train_sequences": data.n_sequences,
-        "token_file": str(data.tokens.directory),
-        "eval_loss": eval_loss,
-        "elapsed_s": round(time.time() - started, 1),
-    }
+    manifest = {"stage": "pretrain", **run_info(), "settings": asdict(cfg), "model_type": trainer.model.config.model_type,
+                "n_params": sum(p.numel() for p in trainer.model.parameters()), "world_size": world.world_size,
+                "global_batch": global_batch(cfg, world.world_size), "steps": steps, "tokens": steps * tokens_per_step,
+                "train_sequences": data.n_sequences, "token_file": str(data.tokens.directory), "eval_loss": eval_loss,
+                "elapsed_s": round(time.time() - started, 1)}
     model_state, _ = full_state(trainer.loss_module, trainer.model, trainer.optimizer, cfg, world)
     if world.is_main:
         _save_final(output, trainer.model, data.tokenizer, manifest, model_state)
     world.barrier()
     return manifest if world.is_main else {"rank": world.rank}
+
+
+def _log(metrics: Path, record: dict, progress, eval_loss: float | None) -> None:
+    """One line of metrics.jsonl, and the same figures (with the latest held-out loss) on the progress bar."""
+    with open(metrics, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    held_out = f"{eval_loss:.3f}" if eval_loss is not None else "-"
+    progress.set_postfix(loss=f"{record['loss']:.3f}", eval=held_out, tok_s=f"{record['tokens_per_s']:,.0f}",
+                         mfu=f"{record['mfu']:.1%}")
 
 
 def _plan_line(cfg: PretrainConfig, world: World, trainer: Trainer, data: TrainData, peak: float, source: str) -> str:
