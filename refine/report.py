@@ -164,13 +164,18 @@ def group_figure(table: pd.DataFrame) -> str:
 
 
 def group_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per group: instances and tokens before and after, their shares, and the fraction kept of each."""
-    kept_tokens = frame["n_tokens"].where(frame["kept"], 0)
-    grouped = frame.assign(kept_tokens=kept_tokens).groupby("group", observed=True)
-    table = pd.DataFrame({"before": grouped.size(), "after": grouped["kept"].sum().astype(int),
-                          "tokens_before": grouped["n_tokens"].sum(), "tokens_after": grouped["kept_tokens"].sum(),
-                          "mean_score": grouped["score"].mean()})
-    table.index = table.index.astype(str)
+    """Per group: instances and tokens before and after, their shares, and the fraction kept of each.
+
+    Counted with bincount over the group codes, so no copy of the frame is made (it may hold 10^8 rows).
+    """
+    codes, labels = frame["group"].cat.codes.to_numpy(), frame["group"].cat.categories.astype(str)
+    kept, n_tokens = frame["kept"].to_numpy(), frame["n_tokens"].to_numpy().astype(np.float64)
+    count = lambda weights=None: np.bincount(codes, weights=weights, minlength=len(labels))
+    table = pd.DataFrame({"before": count(), "after": count(kept).astype(int),
+                          "tokens_before": count(n_tokens).astype(np.int64),
+                          "tokens_after": count(np.where(kept, n_tokens, 0)).astype(np.int64),
+                          "mean_score": count(frame["score"].to_numpy()) / np.maximum(count(), 1)}, index=labels)
+    table = table[table["before"] > 0]
     table["share_before"] = table["before"] / table["before"].sum()
     table["share_after"] = table["after"] / max(table["after"].sum(), 1)
     table["token_share_before"] = table["tokens_before"] / max(table["tokens_before"].sum(), 1)
@@ -182,11 +187,11 @@ def group_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def example_rows(frame: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
     """The top, boundary and bottom instances of the ranking (frame rows, still without text)."""
-    ordered = frame.sort_values(["score", "id"], ascending=[False, True])
-    cut = int(ordered["kept"].sum())
-    boundary = ordered.iloc[max(0, cut - (n + 1) // 2) : cut + n // 2]
-    return {"Top (highest score)": ordered.head(n), "Boundary (around the cut)": boundary,
-            "Bottom (lowest score)": ordered.tail(n)}
+    order = np.lexsort((frame["id"].to_numpy(), -frame["score"].to_numpy()))  # highest score first, ties by id
+    cut = int(frame["kept"].sum())
+    boundary = order[max(0, cut - (n + 1) // 2) : cut + n // 2]
+    return {"Top (highest score)": frame.iloc[order[:n]], "Boundary (around the cut)": frame.iloc[boundary],
+            "Bottom (lowest score)": frame.iloc[order[max(0, len(order) - n):]]}
 
 
 def _examples(frame: pd.DataFrame, read_texts, n: int, chars: int) -> dict[str, pd.DataFrame]:
