@@ -444,8 +444,8 @@ def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Option
     `content` (full=True) hashes every id and text in order: exact, but it reads the whole corpus.
     `files` hashes the local files read (name, byte size, modification time) with the row count and
     column names: it reads no rows, so it costs the same at 1 MB and at 1 TB. `info` (no local files:
-    a hub dataset) hashes the dataset's resolved commit where datasets exposes it, its cache files and
-    its info, with the row count and column names.
+    a hub dataset) hashes the commit datasets read it at (else its cache files) and its info, with the row
+    count and column names.
     """
     if full:
         return "content:" + _content_digest(ds, text_column, id_column)
@@ -454,8 +454,9 @@ def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Option
         facts["files"] = [_file_facts(f) for f in files]
         kind = "files"
     else:
-        facts["revision"] = hub_revision(ds)
-        facts["cache_files"] = [_file_facts(f["filename"]) for f in ds.cache_files]
+        revision = hub_revision(ds)
+        # the commit names the data; without one, the cache files stand in (rebuilding the cache changes them)
+        facts["revision" if revision else "cache_files"] = revision or [_file_facts(f["filename"]) for f in ds.cache_files]
         facts["info"] = {"builder": ds.info.builder_name, "config": ds.info.config_name,
                          "version": str(ds.info.version), "splits": str(ds.info.splits)}
         kind = "info"

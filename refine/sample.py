@@ -160,10 +160,11 @@ def kept_chunks(paths: list[Path], kept: np.ndarray):
     """The kept chunk rows (every score column, text and token ids included), in score order, a batch at a time."""
     first = 0
     for path in paths:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-            local, _ = kept_rows(first, batch.num_rows, kept)
-            first += batch.num_rows
-            yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
+        with pq.ParquetFile(path) as scores:
+            for batch in scores.iter_batches(batch_size=BATCH_ROWS):
+                local, _ = kept_rows(first, batch.num_rows, kept)
+                first += batch.num_rows
+                yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
 
 
 def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table):
