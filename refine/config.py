@@ -164,6 +164,9 @@ class ScoreConfig(CorpusArgs):
     nproc: int = option(1, "Processes to launch on this machine with torchrun (e.g. one per GPU); shards are dealt round-robin.",
                         result=False, check=at_least(1))
     trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
+    full_fingerprint: bool = option(
+        False, "Fingerprint the corpus by hashing every id and text too (slower: reads the whole corpus). Default: "
+        "hash the files read (names, sizes, modification times), the row count and the column names.")
     overwrite: bool = option(False, "Replace an output directory that already holds a result.", result=False)
 
 

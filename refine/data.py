@@ -434,8 +434,42 @@ def count_blank(ds: datasets.Dataset, text_column: str) -> int:
     return int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
 
 
-def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Optional[str]) -> str:
-    """SHA-256 of the ids and texts, in order: equal fingerprints mean the same corpus content."""
+FINGERPRINT_KINDS = ("files", "info", "content")
+
+
+def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Optional[str],
+                       files: Optional[list[str]] = None, full: bool = False) -> str:
+    """`<kind>:<sha256>`: equal fingerprints of one kind mean the same corpus.
+
+    `content` (full=True) hashes every id and text in order: exact, but it reads the whole corpus.
+    `files` hashes the local files read (name, byte size, modification time) with the row count and
+    column names: it reads no rows, so it costs the same at 1 MB and at 1 TB. `info` (no local files:
+    a hub dataset) hashes the commit datasets read it at (else its cache files) and its info, with the row
+    count and column names.
+    """
+    if full:
+        return "content:" + _content_digest(ds, text_column, id_column)
+    facts = {"rows": len(ds), "columns": list(ds.column_names)}
+    if files is not None:
+        facts["files"] = [_file_facts(f) for f in files]
+        kind = "files"
+    else:
+        revision = hub_revision(ds)
+        # the commit names the data; without one, the cache files stand in (rebuilding the cache changes them)
+        facts["revision" if revision else "cache_files"] = revision or [_file_facts(f["filename"]) for f in ds.cache_files]
+        facts["info"] = {"builder": ds.info.builder_name, "config": ds.info.config_name,
+                         "version": str(ds.info.version), "splits": str(ds.info.splits)}
+        kind = "info"
+    return f"{kind}:" + hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_kind(fingerprint: str) -> str:
+    """The kind of a fingerprint; one without a prefix (refine before 0.x recorded only content) is `content`."""
+    kind, sep, _ = fingerprint.partition(":")
+    return kind if sep and kind in FINGERPRINT_KINDS else "content"
+
+
+def _content_digest(ds: datasets.Dataset, text_column: str, id_column: Optional[str]) -> str:
     digest = hashlib.sha256()
     columns = [text_column] + ([id_column] if id_column else [])
     for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
@@ -445,6 +479,49 @@ def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Option
             digest.update(b"\x1d")
     digest.update(str(len(ds)).encode())
     return digest.hexdigest()
+
+
+def _file_facts(path: str) -> dict:
+    stat = os.stat(path)
+    # the name, not the folder: a corpus moved with `mv` (or `cp -p`) is still the corpus that was scored
+    return {"name": Path(path).name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def hub_revision(ds: datasets.Dataset) -> Optional[str]:
+    """The commit a hub dataset was read at: datasets names its cache folder after it (…/<version>/<commit>/)."""
+    for f in ds.cache_files:
+        name = Path(f["filename"]).parent.name
+        if len(name) == 40 and all(c in "0123456789abcdef" for c in name):
+            return name
+    return None
+
+
+def iter_arrow_batches(ds: datasets.Dataset, batch_rows: int = 1000):
+    """The rows of `ds` in order, as Arrow record batches, holding at most about one batch in memory.
+
+    A plain dataset is read from its Arrow files with ordinary reads rather than through datasets' memory map:
+    mapped pages stay in the process's resident memory once touched, so a pass over a corpus larger than memory
+    would look (and, under a memory limit, count) as if it held the whole corpus.
+    """
+    files = [f["filename"] for f in ds.cache_files]
+    if ds._indices is None and files and all(_stream_columns(f) == ds.data.column_names for f in files):
+        for path in files:
+            with pa.OSFile(path) as source:
+                for batch in pa.ipc.open_stream(source):
+                    for start in range(0, batch.num_rows, batch_rows):
+                        yield batch.slice(start, batch_rows)
+        return
+    for table in ds.with_format("arrow").iter(batch_size=batch_rows):  # a view or an in-memory dataset
+        yield from table.to_batches()
+
+
+def _stream_columns(path: str) -> Optional[list[str]]:
+    """Column names of one of datasets' Arrow stream files (only its header is read); None if it is not one."""
+    try:
+        with pa.OSFile(path) as source:
+            return pa.ipc.open_stream(source).schema.names
+    except (pa.ArrowInvalid, OSError):
+        return None
 
 
 def arrow_type_for_ids(ids: list) -> pa.DataType:

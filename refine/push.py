@@ -3,6 +3,11 @@
 The folder `refine sample` writes is uploaded as it is (Parquet shards, the dataset card, the
 manifest), so `datasets.load_dataset(folder)` and `datasets.load_dataset(repo_id)` give the same rows.
 Every file is checked against the manifest before the first byte leaves the machine.
+
+A small dataset goes to the Hub in one commit. A large one (see `is_large_push`) goes in two steps: the
+data shards through `HfApi.upload_folder`, which with `hf_xet` installed commits in batches and resumes
+an interrupted upload when rerun (committed files are skipped, uploaded chunks deduplicated), then the
+card and the manifest in one small last commit, so the repo looks finished only once every shard is in.
 """
 
 from __future__ import annotations
@@ -13,6 +18,17 @@ from pathlib import Path
 from refine.config import PushConfig
 from refine.errors import RefineError
 from refine.output import MANIFEST, claim, verify, write_fault
+
+
+# Beyond either limit one commit is too big to be safe: the Hub advises against commits of many files, and a
+# failed upload of several GB in a single commit starts over from the first byte.
+LARGE_PUSH_FILES = 50
+LARGE_PUSH_BYTES = 5 * 2**30
+
+
+def is_large_push(n_files: int, n_bytes: int) -> bool:
+    """Whether a dataset of `n_files` files and `n_bytes` bytes goes to the Hub in resumable batches (else one commit)."""
+    return n_files > LARGE_PUSH_FILES or n_bytes > LARGE_PUSH_BYTES
 
 
 def refined_files(folder: Path) -> list[Path]:
@@ -75,9 +91,16 @@ def _push_hub(folder: Path, files: list[Path], cfg: PushConfig) -> dict:
         api.create_repo(repo_id, repo_type="dataset", private=cfg.private, exist_ok=True)
         if cfg.revision:
             api.create_branch(repo_id, branch=cfg.revision, repo_type="dataset", exist_ok=True)
-        # One commit: shards, card and manifest land together or not at all. Large files go through the
-        # Hub's content-addressed storage, so a rerun after a broken upload skips what already arrived.
-        operations = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f)) for f in files]
+        names = [f.relative_to(folder).as_posix() for f in files]
+        finishing = [n for n in names if n in ("README.md", MANIFEST)]
+        if is_large_push(len(files), sum(f.stat().st_size for f in files)):
+            # Data first, in as many commits as upload_folder needs (a rerun resumes); card and manifest last.
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset", revision=cfg.revision,
+                              allow_patterns=[n for n in names if n not in finishing], commit_message=f"{message} (data)")
+            names = finishing
+        # One commit: shards (small datasets), card and manifest land together or not at all. Large files go
+        # through the Hub's content-addressed storage, so a rerun after a broken upload skips what already arrived.
+        operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(folder / n)) for n in names]
         info = api.create_commit(repo_id, operations, commit_message=message, repo_type="dataset", revision=cfg.revision)
     except OfflineModeIsEnabled:
         raise RefineError("the Hub is in offline mode (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE to publish, "

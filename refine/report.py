@@ -7,14 +7,18 @@ import html
 import io
 from pathlib import Path
 
+from typing import Callable
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from refine import data as corpus
 from refine.config import ReportConfig
 from refine.errors import RefineError
 from refine.output import claim_file, write_text
-from refine.sample import open_scored_corpus, read_scores, select_top_fraction, selection_keys
+from refine.sample import open_scored_corpus, read_scores, score_files, select_top_fraction, selection_keys
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -25,8 +29,12 @@ def validate(cfg: ReportConfig) -> None:
     cfg.check()  # every field and cross-field check is declared in refine.config
 
 
-def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict]:
-    """Scores with per-token NLLs, the kept flag at alpha, and the text (and group) of each instance."""
+SCATTER_POINTS = 20_000  # points drawn in the scatter plot: a seeded sample beyond this (more only blurs the cloud)
+
+
+def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.ndarray], list[str]]]:
+    """Numbers only, one row per instance: per-token NLLs, the kept flag at alpha, the group; and a function
+    that reads the text of a few rows of the frame (only the examples' text is ever read)."""
     scores, manifest = read_scores(Path(cfg.scores))
     frame = scores.select(["id", "n_tokens", "teacher_logprob", "ref_logprob", "score"]).to_pandas()
     ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else frame["n_tokens"]
@@ -37,22 +45,49 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict]:
     frame.loc[kept, "kept"] = True
     spec = manifest["data"]
     if manifest["settings"]["unit"] == "chunk":
-        frame["text"] = scores.column(spec["text_column"]).to_pylist()
         if cfg.group_column:
             raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-        return frame, manifest
+        paths = score_files(Path(cfg.scores), manifest)
+        return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
     ds = open_scored_corpus(cfg.data or spec["source"], spec)
     if cfg.group_column and cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
-    ids = corpus.document_ids(ds, spec["id_column"])
-    row_of = {value: row for row, value in enumerate(ids)}
-    rows = [row_of[i] for i in frame["id"].tolist()]
-    columns = [spec["text_column"]] + ([cfg.group_column] if cfg.group_column else [])
-    picked = ds.select_columns(columns).select(rows).to_pandas()
-    frame["text"] = picked[spec["text_column"]].to_numpy()
+    columns = ds.with_format("arrow")  # column reads touch only that column's pages of the memory-mapped corpus
+    if spec["id_column"] is None:
+        rows = scores.column("id").combine_chunks()
+    else:
+        corpus_ids = columns[spec["id_column"]]
+        rows = pc.index_in(scores.column("id").combine_chunks().cast(corpus_ids.type), value_set=corpus_ids)
     if cfg.group_column:
-        frame["group"] = picked[cfg.group_column].astype(str).to_numpy()
-    return frame, manifest
+        frame["group"] = categories(columns[cfg.group_column].take(rows))
+    row_of = rows.to_numpy(zero_copy_only=False)
+    return frame, manifest, lambda positions: document_texts(ds, spec["text_column"], row_of[positions])
+
+
+def categories(values: pa.ChunkedArray) -> pd.Categorical:
+    """Group labels as a categorical (one small integer per instance, not one Python string)."""
+    labels = pc.fill_null(values.cast(pa.string()), "None")
+    encoded = pc.dictionary_encode(labels).combine_chunks()
+    return pd.Categorical.from_codes(encoded.indices.to_numpy(zero_copy_only=False),
+                                     categories=encoded.dictionary.to_pylist())
+
+
+def document_texts(ds, text_column: str, rows: np.ndarray) -> list[str]:
+    texts = ds.select_columns([text_column]).with_format("arrow")
+    return [texts[int(row)][text_column][0].as_py() for row in rows]
+
+
+def chunk_texts(paths: list[Path], text_column: str, positions: np.ndarray) -> list[str]:
+    """Texts of chunks at `positions` of the scores, reading the text column of only the shards that hold one."""
+    texts, first = {}, 0
+    for path in paths:
+        n_rows = pq.read_metadata(path).num_rows
+        local = [p - first for p in positions if first <= p < first + n_rows]
+        if local:
+            column = pq.read_table(path, columns=[text_column]).column(text_column)
+            texts.update(zip((first + p for p in local), column.take(pa.array(local, type=pa.int64())).to_pylist()))
+        first += n_rows
+    return [texts[p] for p in positions]
 
 
 def _png(figure) -> str:
@@ -67,29 +102,41 @@ def _png(figure) -> str:
 def distribution_figure(frame: pd.DataFrame, threshold: float) -> str:
     import matplotlib.pyplot as plt
 
+    scores = frame["score"].to_numpy()
     figure, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 3.6))
-    hist.hist(frame["score"], bins=min(60, max(10, len(frame) // 5)), color="#4c72b0")
+    counts, edges = np.histogram(scores, bins=min(60, max(10, len(frame) // 5)))
+    hist.stairs(counts, edges, fill=True, color="#4c72b0")
     hist.axvline(threshold, color="#c44e52", linestyle="--", label=f"cut {threshold:.3f}")
     hist.set_xlabel("score = log p_teacher − log p_ref per token (nats)")
     hist.set_ylabel("instances")
     hist.legend()
-    ordered = np.sort(frame["score"].to_numpy())
-    cdf.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="#4c72b0")
+    fractions = np.linspace(0, 1, min(len(scores), 2001))  # the curve at 2,001 quantiles looks the same as at every point
+    cdf.plot(np.quantile(scores, fractions), fractions, color="#4c72b0")
     cdf.axvline(threshold, color="#c44e52", linestyle="--")
     cdf.set_xlabel("score")
     cdf.set_ylabel("fraction of instances ≤ score")
     return _png(figure)
 
 
+def scatter_sample(n: int, limit: int = SCATTER_POINTS, seed: int = 0) -> np.ndarray:
+    """Positions of the points to draw: all of them up to `limit`, else a seeded uniform sample of `limit`, sorted."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def scatter_figure(frame: pd.DataFrame) -> str:
     import matplotlib.pyplot as plt
 
+    shown = frame.iloc[scatter_sample(len(frame))]
     figure, axis = plt.subplots(figsize=(6, 5))
     for kept, color, label in ((False, "#bbbbbb", "dropped"), (True, "#dd8452", "kept")):
-        part = frame[frame["kept"] == kept]
-        axis.scatter(part["teacher_nll"], part["ref_nll"], s=8, alpha=0.6, color=color, label=f"{label} ({len(part)})")
-    low = float(min(frame["teacher_nll"].min(), frame["ref_nll"].min()))
-    high = float(max(frame["teacher_nll"].max(), frame["ref_nll"].max()))
+        part = shown[shown["kept"] == kept]
+        total = int((frame["kept"] == kept).sum())
+        count = f"{total:,}" if len(shown) == len(frame) else f"{len(part):,} of {total:,} shown"
+        axis.scatter(part["teacher_nll"], part["ref_nll"], s=8, alpha=0.6, color=color, label=f"{label} ({count})")
+    low = float(min(shown["teacher_nll"].min(), shown["ref_nll"].min()))
+    high = float(max(shown["teacher_nll"].max(), shown["ref_nll"].max()))
     axis.plot([low, high], [low, high], color="black", linewidth=0.8, label="equal NLL")
     axis.set_xlabel("teacher NLL per token (nats)")
     axis.set_ylabel("reference NLL per token (nats)")
@@ -107,31 +154,53 @@ def group_figure(table: pd.DataFrame) -> str:
     share.set_yticks(y, table.index)
     share.set_xlabel("share of instances")
     share.legend()
-    kept.barh(y, table["kept_fraction"], color="#4c72b0")
+    kept.barh(y - 0.2, table["kept_fraction"], height=0.4, label="instances", color="#4c72b0")
+    kept.barh(y + 0.2, table["kept_fraction_tokens"], height=0.4, label="tokens", color="#55a868")
     kept.set_yticks(y, table.index)
     kept.set_xlabel("fraction kept")
     kept.set_xlim(0, 1)
+    kept.legend()
     return _png(figure)
 
 
 def group_table(frame: pd.DataFrame) -> pd.DataFrame:
-    grouped = frame.groupby("group")
-    table = pd.DataFrame({"before": grouped.size(), "after": grouped["kept"].sum().astype(int),
-                          "mean_score": grouped["score"].mean()})
+    """Per group: instances and tokens before and after, their shares, and the fraction kept of each.
+
+    Counted with bincount over the group codes, so no copy of the frame is made (it may hold 10^8 rows).
+    """
+    codes, labels = frame["group"].cat.codes.to_numpy(), frame["group"].cat.categories.astype(str)
+    kept, n_tokens = frame["kept"].to_numpy(), frame["n_tokens"].to_numpy().astype(np.float64)
+    count = lambda weights=None: np.bincount(codes, weights=weights, minlength=len(labels))
+    table = pd.DataFrame({"before": count(), "after": count(kept).astype(int),
+                          "tokens_before": count(n_tokens).astype(np.int64),
+                          "tokens_after": count(np.where(kept, n_tokens, 0)).astype(np.int64),
+                          "mean_score": count(frame["score"].to_numpy()) / np.maximum(count(), 1)}, index=labels)
+    table = table[table["before"] > 0]
     table["share_before"] = table["before"] / table["before"].sum()
     table["share_after"] = table["after"] / max(table["after"].sum(), 1)
+    table["token_share_before"] = table["tokens_before"] / max(table["tokens_before"].sum(), 1)
+    table["token_share_after"] = table["tokens_after"] / max(table["tokens_after"].sum(), 1)
     table["kept_fraction"] = table["after"] / table["before"]
+    table["kept_fraction_tokens"] = table["tokens_after"] / table["tokens_before"].clip(lower=1)
     return table.sort_values("kept_fraction", ascending=False)
 
 
-def _examples(frame: pd.DataFrame, n: int, chars: int) -> dict[str, pd.DataFrame]:
-    ordered = frame.sort_values(["score", "id"], ascending=[False, True]).reset_index(drop=True)
-    cut = int(ordered["kept"].sum())
-    boundary = ordered.iloc[max(0, cut - (n + 1) // 2) : cut + n // 2]
+def example_rows(frame: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
+    """The top, boundary and bottom instances of the ranking (frame rows, still without text)."""
+    order = np.lexsort((frame["id"].to_numpy(), -frame["score"].to_numpy()))  # highest score first, ties by id
+    cut = int(frame["kept"].sum())
+    boundary = order[max(0, cut - (n + 1) // 2) : cut + n // 2]
+    return {"Top (highest score)": frame.iloc[order[:n]], "Boundary (around the cut)": frame.iloc[boundary],
+            "Bottom (lowest score)": frame.iloc[order[max(0, len(order) - n):]]}
+
+
+def _examples(frame: pd.DataFrame, read_texts, n: int, chars: int) -> dict[str, pd.DataFrame]:
     shorten = lambda text: text if len(text) <= chars else text[:chars] + " …"
-    return {name: part.assign(text=part["text"].map(shorten)) for name, part in
-            (("Top (highest score)", ordered.head(n)), ("Boundary (around the cut)", boundary),
-             ("Bottom (lowest score)", ordered.tail(n)))}
+    examples = {}
+    for name, part in example_rows(frame, n).items():
+        positions = frame.index.get_indexer(part.index)
+        examples[name] = part.reset_index(drop=True).assign(text=[shorten(t or "") for t in read_texts(positions)])
+    return examples
 
 
 def _example_table(part: pd.DataFrame) -> str:
@@ -144,17 +213,19 @@ def _example_table(part: pd.DataFrame) -> str:
             f"{rows}</table>")
 
 
-def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig) -> str:
+def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -> str:
     kept = frame[frame["kept"]]
     threshold = float(kept["score"].min())
     quantiles = frame["score"].quantile([0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    tokens_before, tokens_after = int(frame["n_tokens"].sum()), int(kept["n_tokens"].sum())
     summary = [
         ("corpus", html.escape(str(manifest["data"]["source"]))),
         ("teacher", html.escape(str(manifest["teacher"]["id"]))),
         ("reference", html.escape(str(manifest["reference"]["id"]))),
         ("alpha", f"{cfg.alpha}"),
         ("instances", f"{len(frame):,} → {len(kept):,}"),
-        ("tokens", f"{int(frame['n_tokens'].sum()):,} → {int(kept['n_tokens'].sum()):,}"),
+        ("tokens", f"{tokens_before:,} → {tokens_after:,}"),
+        ("kept share", f"{len(kept) / len(frame):.1%} of instances, {tokens_after / max(tokens_before, 1):.1%} of tokens"),
         ("score threshold", f"{threshold:.4f}"),
         ("score quantiles", " · ".join(f"{int(q * 100)}%: {v:.3f}" for q, v in quantiles.items())),
         ("mean teacher / reference NLL per token", f"{frame['teacher_nll'].mean():.3f} / {frame['ref_nll'].mean():.3f}"),
@@ -166,22 +237,26 @@ def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig) -> str:
         + distribution_figure(frame, threshold) + "</section>",
         '<section id="scatter"><h2>Teacher vs reference NLL</h2><p>Above the diagonal the teacher finds the text easier '
         "than the reference: hard, valuable text the small model has not learned. Both low: easy, common text. "
-        "Both high: noise.</p>" + scatter_figure(frame) + "</section>",
+        "Both high: noise." + (f" A seeded random {SCATTER_POINTS:,} of the {len(frame):,} instances are drawn."
+                               if len(frame) > SCATTER_POINTS else "") + "</p>" + scatter_figure(frame) + "</section>",
     ]
     if cfg.group_column:
         table = group_table(frame)
         rows = "".join(
             f"<tr><td>{html.escape(str(r.Index))}</td><td>{r.before:,}</td><td>{r.after:,}</td><td>{r.share_before:.1%}</td>"
-            f"<td>{r.share_after:.1%}</td><td>{r.kept_fraction:.0%}</td><td>{r.mean_score:.3f}</td></tr>"
+            f"<td>{r.share_after:.1%}</td><td>{r.kept_fraction:.0%}</td><td>{r.tokens_before:,}</td><td>{r.tokens_after:,}</td>"
+            f"<td>{r.token_share_before:.1%}</td><td>{r.token_share_after:.1%}</td><td>{r.kept_fraction_tokens:.0%}</td>"
+            f"<td>{r.mean_score:.3f}</td></tr>"
             for r in table.itertuples()
         )
         sections.append(
             f'<section id="groups"><h2>By {html.escape(cfg.group_column)}</h2>' + group_figure(table)
             + "<table><tr><th>group</th><th>before</th><th>after</th><th>share before</th><th>share after</th>"
-            f"<th>kept</th><th>mean score</th></tr>{rows}</table></section>"
+            "<th>kept</th><th>tokens before</th><th>tokens after</th><th>token share before</th>"
+            f"<th>token share after</th><th>kept (tokens)</th><th>mean score</th></tr>{rows}</table></section>"
         )
     sections.append('<section id="examples"><h2>Examples</h2>' + "".join(
-        f"<h3>{name}</h3>{_example_table(part)}" for name, part in _examples(frame, cfg.n_examples, cfg.excerpt_chars).items()
+        f"<h3>{name}</h3>{_example_table(part)}" for name, part in _examples(frame, read_texts, cfg.n_examples, cfg.excerpt_chars).items()
     ) + "</section>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;"
@@ -199,6 +274,6 @@ def report(cfg: ReportConfig) -> dict:
     matplotlib.use("Agg")
     validate(cfg)
     with claim_file(cfg.output, "report", GENERATOR, [cfg.scores, cfg.data]):
-        frame, manifest = scored_frame(cfg)
-        write_text(Path(cfg.output), render(frame, manifest, cfg))
+        frame, manifest, read_texts = scored_frame(cfg)
+        write_text(Path(cfg.output), render(frame, manifest, cfg, read_texts))
     return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum())}

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refine import data as corpus
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, Claim, claim, content_tag, run_info, verify, write_manifest, write_parquet, write_text
+from refine.output import DATA_DIR, Claim, claim, content_tag, run_info, verify, write_fault, write_manifest, write_text
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -52,11 +55,23 @@ def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(len(n_tokens))
 
 
+# What selection reads of the scores: numbers only, never the chunk text or token ids (those are streamed when written).
+SELECTION_COLUMNS = ("id", *SCORE_COLUMNS, "ref_n_tokens")
+BATCH_ROWS = 1000  # rows read and written at a time: a few MB of text for typical documents
+
+
+def score_files(scores_dir: Path, manifest: dict) -> list[Path]:
+    return [scores_dir / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
+
+
 def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
-    """Every score row of a finished `refine score` output, after checking its files against the manifest."""
+    """The selection columns (ids and numbers) of every score row of a finished `refine score` output, after
+    checking its files against the manifest: O(N) numbers, no text."""
     manifest = verify(scores_dir, "score")
-    paths = [scores_dir / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
-    table = pa.concat_tables(pq.read_table(p) for p in paths)
+    paths = score_files(scores_dir, manifest)
+    present = set(pq.read_schema(paths[0]).names) if paths else set()
+    columns = [c for c in SELECTION_COLUMNS if c in present]
+    table = pa.concat_tables(pq.read_table(p, columns=columns).replace_schema_metadata(None) for p in paths)
     if table.num_rows != manifest["n_instances"]:
         raise RefineError(
             f"{str(scores_dir)!r} holds {table.num_rows} scores but its manifest says {manifest['n_instances']}; rescore"
@@ -78,9 +93,9 @@ def sample(cfg: SampleConfig) -> dict:
         if score_manifest["settings"]["unit"] == "chunk":
             if cfg.data is not None:
                 open_scored_corpus(cfg.data, data_spec)
-            refined = kept_scores
+            batches = kept_chunks(score_files(scores_dir, score_manifest), kept)
         else:
-            refined = _join_documents(source, data_spec, kept_scores)
+            batches = kept_documents(open_scored_corpus(source, data_spec), data_spec["id_column"], kept_scores)
 
         threshold = float(np.min(keys[kept])) if len(kept) else None
         manifest = {
@@ -91,13 +106,13 @@ def sample(cfg: SampleConfig) -> dict:
             "seed": cfg.seed if cfg.method == "random" else None,
             "threshold": threshold if cfg.method != "random" else None,
             "instances_before": scores.num_rows,
-            "instances_after": refined.num_rows,
+            "instances_after": kept_scores.num_rows,
             "tokens_before": int(pc_sum(scores, "n_tokens")),
-            "tokens_after": int(pc_sum(refined, "n_tokens")),
+            "tokens_after": int(pc_sum(kept_scores, "n_tokens")),
             "score_stats": _stats(scores.column("score").to_numpy()),
             "scores": score_manifest,
         }
-        return _write_dataset(claimed, refined, manifest, cfg.shard_size_mb)
+        return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
 
 
 def pc_sum(table: pa.Table, column: str) -> float:
@@ -111,54 +126,135 @@ def _stats(values: np.ndarray) -> dict:
 
 
 def open_scored_corpus(source: str, data_spec: dict):
-    """The corpus at `source`, refused unless it is the one the scores' manifest (`data_spec`) describes."""
+    """The corpus at `source`, refused unless it is the one the scores' manifest (`data_spec`) describes.
+
+    Its fingerprint is recomputed the way the recorded one was made (see `corpus.corpus_fingerprint`), so
+    by default no row is read here. The text was checked (UTF-8, columns) when it was scored.
+    """
     ds = corpus.load_corpus(source, data_spec["split"], data_spec["name"])
-    corpus.check_columns(ds, data_spec["text_column"], data_spec["id_column"], source)
+    fix = "give the corpus the scores were made from, or rescore"
+    missing = [c for c in (data_spec["text_column"], data_spec["id_column"]) if c and c not in ds.column_names]
+    if missing:
+        raise RefineError(f"corpus {source!r} has no column {missing[0]!r}, which was scored; {fix}")
     if len(ds) != data_spec["n_rows"]:
-        raise RefineError(
-            f"corpus {source!r} has {len(ds)} rows but was scored with {data_spec['n_rows']}; "
-            "give the corpus the scores were made from, or rescore"
-        )
-    if corpus.corpus_fingerprint(ds, data_spec["text_column"], data_spec["id_column"]) != data_spec["fingerprint"]:
-        raise RefineError(
-            f"corpus {source!r} differs from the one that was scored (content fingerprint mismatch); "
-            "give the corpus the scores were made from, or rescore"
-        )
+        raise RefineError(f"corpus {source!r} has {len(ds)} rows but was scored with {data_spec['n_rows']}; {fix}")
+    kind = corpus.fingerprint_kind(data_spec["fingerprint"])
+    files = corpus.corpus_files(source, data_spec["split"], data_spec["name"]) if kind == "files" else None
+    fingerprint = corpus.corpus_fingerprint(ds, data_spec["text_column"], data_spec["id_column"], files,
+                                            full=kind == "content")
+    if fingerprint.removeprefix("content:") != data_spec["fingerprint"].removeprefix("content:"):
+        what = {"content": "its ids or texts differ", "files": "its files' names, sizes or modification times differ",
+                "info": "its revision or dataset info differs"}[kind]
+        raise RefineError(f"corpus {source!r} differs from the one that was scored ({kind} fingerprint mismatch: "
+                          f"{what}); {fix}")
     return ds
 
 
-def _join_documents(source: str, data_spec: dict, kept_scores: pa.Table) -> pa.Table:
-    """Original rows of the kept documents (in corpus order) with the score columns beside them."""
-    ds = open_scored_corpus(source, data_spec)
-    id_column = data_spec["id_column"]
-    kept_ids = kept_scores.column("id").to_pylist()
-    if id_column is None:
-        rows = np.asarray(kept_ids, dtype=np.int64)
-    else:
-        position = {value: row for row, value in enumerate(ds[id_column])}
-        rows = np.asarray([position[i] for i in kept_ids], dtype=np.int64)
-    order = np.argsort(rows, kind="stable")
-    table = ds.select(rows[order]).with_format("arrow")[:]
-    aligned = kept_scores.take(order)
-    if id_column is None:
-        table = table.append_column("id", aligned.column("id")) if "id" not in table.column_names else table
+def kept_rows(first: int, n_rows: int, kept_sorted: np.ndarray) -> tuple[np.ndarray, int]:
+    """Positions inside rows [first, first + n_rows) of the sorted global positions `kept_sorted`, and where they start in it."""
+    lo, hi = np.searchsorted(kept_sorted, [first, first + n_rows])
+    return kept_sorted[lo:hi] - first, int(lo)
+
+
+def kept_chunks(paths: list[Path], kept: np.ndarray):
+    """The kept chunk rows (every score column, text and token ids included), in score order, a batch at a time."""
+    first = 0
+    for path in paths:
+        with pq.ParquetFile(path) as scores:
+            for batch in scores.iter_batches(batch_size=BATCH_ROWS):
+                local, _ = kept_rows(first, batch.num_rows, kept)
+                first += batch.num_rows
+                yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
+
+
+def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table):
+    """Original rows of the kept documents, in corpus order, with the score columns beside them, a batch at a time.
+
+    Only the kept scores are held (O(kept) numbers); the corpus is read once, in order.
+    """
+    if id_column is None:  # ids are row indices
+        order = np.argsort(kept_scores.column("id").to_numpy(), kind="stable")
+        kept_scores = kept_scores.take(order)
+        kept_sorted = kept_scores.column("id").to_numpy()
+    kept_ids = kept_scores.column("id").combine_chunks()
+    first = 0
+    for batch in corpus.iter_arrow_batches(ds, BATCH_ROWS):
+        table = pa.Table.from_batches([batch])
+        if id_column is None:
+            local, start = kept_rows(first, batch.num_rows, kept_sorted)
+            aligned = kept_scores.slice(start, len(local))
+        else:  # the score row of each corpus row, found by id: null where the row was not kept
+            if kept_ids.type != table.schema.field(id_column).type:  # int64 in the scores, maybe int32 in the corpus
+                kept_ids = kept_ids.cast(table.schema.field(id_column).type)
+            where = pc.index_in(table.column(id_column), value_set=kept_ids)
+            local = np.flatnonzero(where.is_valid().to_numpy(zero_copy_only=False))
+            aligned = kept_scores.take(where.take(pa.array(local, type=pa.int64())))
+        first += batch.num_rows
+        yield _with_scores(table.take(pa.array(local, type=pa.int64())), aligned, id_column)
+
+
+def _with_scores(table: pa.Table, aligned: pa.Table, id_column: Optional[str]) -> pa.Table:
+    if id_column is None and "id" not in table.column_names:
+        table = table.append_column("id", aligned.column("id"))
     for column in SCORE_COLUMNS:
         name = column if column not in table.column_names else f"refine_{column}"
         table = table.append_column(name, aligned.column(column))
     return table
 
 
-def _write_dataset(claimed: Claim, table: pa.Table, manifest: dict, shard_size_mb: int) -> dict:
+class ShardWriter:
+    """Parquet shards of about `shard_bytes` of Arrow data each, written a row group at a time.
+
+    Shards are named `<stem>-<k>-of-<n>.parquet`; `n` is known only at the end, so they are renamed then
+    (inside the staging directory, which is renamed into place as a whole afterwards).
+    """
+
+    def __init__(self, directory: Path, stem: str, shard_bytes: int):
+        self.directory, self.stem, self.shard_bytes = directory, stem, shard_bytes
+        self.written: list[Path] = []
+        self.writer, self.bytes_in_shard, self.schema = None, 0, None
+
+    def write(self, table: pa.Table) -> None:
+        self.schema = self.schema or table.schema
+        if table.num_rows == 0:
+            return
+        if self.writer is None:
+            self.written.append(self.directory / f"{self.stem}-{len(self.written):05d}.parquet.part")
+            self.writer = pq.ParquetWriter(self.written[-1], table.schema, compression="zstd")
+            self.bytes_in_shard = 0
+        self.writer.write_table(table)
+        self.bytes_in_shard += table.nbytes
+        if self.bytes_in_shard >= self.shard_bytes:
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> list[Path]:
+        """Finish the last shard (an empty one if nothing was kept) and give every shard its final name."""
+        if self.writer is not None:
+            self.writer.close()
+        elif not self.written:
+            self.written.append(self.directory / f"{self.stem}-00000.parquet.part")
+            pq.write_table((self.schema or pa.schema([])).empty_table(), self.written[-1], compression="zstd")
+        final = []
+        for k, part in enumerate(self.written):
+            final.append(part.with_name(f"{self.stem}-{k:05d}-of-{len(self.written):05d}.parquet"))
+            os.replace(part, final[-1])
+        return final
+
+
+def _write_dataset(claimed: Claim, batches, manifest: dict, shard_size_mb: int) -> dict:
     """Build the whole directory beside the output, then rename it into place: complete or absent."""
     staging = claimed.staging_dir()
     try:
         tag = content_tag(manifest)
-        n_shards = max(1, math.ceil(table.nbytes / (shard_size_mb * 2**20)))
-        rows_per_shard = math.ceil(table.num_rows / n_shards) if table.num_rows else 0
-        files = []
-        for k in range(n_shards):
-            files.append(f"{DATA_DIR}/train-{tag}-{k:05d}-of-{n_shards:05d}.parquet")
-            write_parquet(staging / files[-1], table.slice(k * rows_per_shard, rows_per_shard))
+        (staging / DATA_DIR).mkdir()
+        shards = ShardWriter(staging / DATA_DIR, f"train-{tag}", shard_size_mb * 2**20)
+        try:
+            for table in batches:
+                shards.write(table)
+            files = [p.relative_to(staging).as_posix() for p in shards.close()]
+        except OSError as e:
+            raise write_fault(e, staging) from None
         write_text(staging / "README.md", refined_card(manifest, f"{DATA_DIR}/train-{tag}-*.parquet"))
         sealed = write_manifest(staging, manifest, [*files, "README.md"])
         claimed.commit(staging)

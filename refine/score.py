@@ -172,7 +172,7 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
     id_type = pa.string() if cfg.unit == "chunk" else corpus.arrow_type_for_ids(ids)
-    fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column)
+    fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column, corpus.corpus_files(cfg.data, cfg.split, cfg.name), cfg.full_fingerprint)
     n_rows, n_blank = len(ds), corpus.count_blank(ds, cfg.text_column)
     if n_blank == n_rows:
         raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")

@@ -1,12 +1,15 @@
 import gzip
 import json
+import os
 import re
+import shutil
 
 import datasets
 import pandas as pd
 import pytest
 
-from refine.data import check_columns, corpus_files, corpus_fingerprint, count_blank, document_ids, load_corpus
+from refine.data import (check_columns, corpus_files, corpus_fingerprint, count_blank, document_ids, fingerprint_kind,
+                         load_corpus)
 from refine.output import folder_pattern_problem
 from refine.errors import RefineError
 
@@ -32,13 +35,29 @@ def test_every_local_form_loads(tmp_path, name):
     assert ds["text"] == [r["text"] for r in ROWS]
 
 
-def test_fingerprint_follows_content_not_path(tmp_path):
+def test_full_fingerprint_follows_content_not_path(tmp_path):
     write_all_formats(tmp_path)
-    a = corpus_fingerprint(load_corpus(str(tmp_path / "c.parquet")), "text", None)
-    b = corpus_fingerprint(load_corpus(str(tmp_path / "jsonl")), "text", None)
-    assert a == b
+    a = corpus_fingerprint(load_corpus(str(tmp_path / "c.parquet")), "text", None, full=True)
+    b = corpus_fingerprint(load_corpus(str(tmp_path / "jsonl")), "text", None, full=True)
+    assert a == b and a.startswith("content:")
     changed = datasets.Dataset.from_list([*ROWS[:2], {"text": "delta epsilon!", "n": 3}])
-    assert corpus_fingerprint(changed, "text", None) != a
+    assert corpus_fingerprint(changed, "text", None, full=True) != a
+
+
+def test_default_fingerprint_reads_file_facts_not_rows(tmp_path):
+    write_all_formats(tmp_path)
+    source = str(tmp_path / "jsonl")
+    fingerprint = lambda: corpus_fingerprint(load_corpus(source), "text", None, corpus_files(source))
+    first = fingerprint()
+    assert first.startswith("files:") and fingerprint_kind(first) == "files" and first == fingerprint()
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "jsonl", moved, copy_function=shutil.copy2)  # names, sizes and times kept
+    assert corpus_fingerprint(load_corpus(str(moved)), "text", None, corpus_files(str(moved))) == first
+    os.utime(tmp_path / "jsonl" / "a.jsonl", ns=(0, 0))  # touched: treated as changed, without reading it
+    assert fingerprint() != first
+    saved = load_corpus(str(tmp_path / "saved"))
+    assert corpus_fingerprint(saved, "text", None).startswith("info:")  # no file list given
+    assert fingerprint_kind("ab12" * 16) == "content"  # what refine recorded before fingerprints had kinds
 
 
 def test_column_problems_are_reported_together(tmp_path):

@@ -142,3 +142,28 @@ def test_push_refuses_a_target_that_is_a_file(tmp_path, refined):
     result = run(["push", refined, target], check=False)
     assert result.returncode == 2 and "existing file" in result.stderr
     assert target.read_text() == "mine"
+
+
+def test_large_push_decision():
+    from refine.push import LARGE_PUSH_BYTES, LARGE_PUSH_FILES, is_large_push
+
+    assert not is_large_push(LARGE_PUSH_FILES, LARGE_PUSH_BYTES)
+    assert is_large_push(LARGE_PUSH_FILES + 1, 1) and is_large_push(3, LARGE_PUSH_BYTES + 1)
+
+
+def test_large_push_sends_data_first_then_card_and_manifest(tmp_path, refined, monkeypatch):
+    import huggingface_hub
+
+    import refine.push as stage
+    from refine.config import PushConfig
+
+    monkeypatch.setattr(stage, "LARGE_PUSH_FILES", 0)  # the tiny dataset counts as large
+    with HubStandIn(tmp_path / "hub") as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        stage.push(PushConfig(refined=str(refined), target="someone/large", token=TOKEN))
+    assert len(hub.commits) >= 2 and hub.commits[-1]["files"] == ["README.md", "manifest.json"]
+    assert sorted(f for c in hub.commits[:-1] for f in c["files"]) == sorted(
+        p.relative_to(refined).as_posix() for p in (refined / "data").glob("*.parquet"))
+    stored = tmp_path / "hub" / "someone/large" / "main"
+    for path in (p for p in refined.rglob("*") if p.is_file()):
+        assert (stored / path.relative_to(refined)).read_bytes() == path.read_bytes()

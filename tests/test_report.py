@@ -1,10 +1,13 @@
+import html
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from refine.cli import app
+from refine.report import scatter_sample
 
 SECTIONS = ("summary", "distribution", "scatter", "groups", "examples")
 
@@ -55,3 +58,39 @@ def test_report_refuses_bad_input(tiny_run, tmp_path):
     result = runner.invoke(app, ["report", str(tiny_run / "scores"), "--alpha", "2", "--output", str(tmp_path / "r.html")])
     assert result.exit_code == 2 and "outside (0, 1]" in result.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_examples_show_their_own_text_and_summary_weights_by_tokens(tiny_run, report_file):
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tiny_run / "scores" / "data").glob("*.parquet"))])
+    texts = pd.read_json(tiny_run / "corpus.jsonl", lines=True)["text"]
+    ranked = scores.sort_values(["score", "id"], ascending=[False, True])
+    page = report_file.read_text()
+    for position in (0, -1):
+        row_id, score = int(ranked["id"].iloc[position]), ranked["score"].iloc[position]
+        start = page.index(f"<tr><td>{row_id}</td><td>{score:.3f}</td>")
+        assert f"<pre>{html.escape(texts[row_id])}</pre>" in page[start : page.index("</tr>", start)]
+    kept = ranked.head(15)
+    assert f"50.0% of instances, {kept['n_tokens'].sum() / scores['n_tokens'].sum():.1%} of tokens" in page
+    for heading in ("tokens before", "token share after", "kept (tokens)"):
+        assert f"<th>{heading}</th>" in page
+
+
+def test_scatter_draws_every_point_up_to_the_limit_then_a_seeded_sample():
+    assert scatter_sample(5, limit=10).tolist() == [0, 1, 2, 3, 4]
+    drawn = scatter_sample(1000, limit=10)
+    assert len(set(drawn)) == 10 and drawn.tolist() == sorted(drawn) and drawn.max() < 1000
+    assert drawn.tolist() == scatter_sample(1000, limit=10).tolist()  # same page for the same scores
+
+
+def test_report_on_chunks_reads_each_example_text_from_its_score_shard(tmp_path, teacher_dir, reference_dir):
+    from test_sample import write_scored_corpus
+
+    write_scored_corpus(tmp_path, teacher_dir, reference_dir, "chunk", None)
+    output = tmp_path / "chunks.html"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "scores"), "--output", str(output), "--n-examples", "2"])
+    assert result.exit_code == 0, result.output
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scores" / "data").glob("*.parquet"))])
+    page = output.read_text()
+    for _, chunk in scores.sort_values(["score", "id"], ascending=[False, True]).iloc[[0, 1, -2, -1]].iterrows():
+        start = page.index(f"<tr><td>{chunk['id']}</td>")
+        assert f"<pre>{html.escape(chunk['text'][:400])}" in page[start : page.index("</tr>", start)]

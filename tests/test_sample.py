@@ -1,8 +1,16 @@
+import json
+import math
+
+import datasets
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.sample import n_kept, select_top_fraction
+from refine.sample import ShardWriter, n_kept, sample, select_top_fraction
 
 
 def test_n_kept_is_exact_ceiling():
@@ -36,3 +44,73 @@ def test_top_fraction_string_ids_and_order_independence():
 def test_nan_scores_are_refused():
     with pytest.raises(RefineError, match="NaN"):
         select_top_fraction(np.array([1.0, np.nan]), np.array([0, 1]), 0.5)
+
+
+def write_scored_corpus(root, teacher_dir, reference_dir, unit, id_column):
+    """A 40-document corpus (two of them blank, ids shuffled strings when `id_column`) scored in shards of 7."""
+    from refine.config import ScoreConfig
+    from refine.score import score
+
+    rng = np.random.default_rng(0)
+    ids = [f"doc-{k}" for k in rng.permutation(40)]
+    rows = [{"text": "" if i in (3, 17) else f"Document {i}: " + "word " * (3 + i % 11), "domain": f"d{i % 4}",
+             "doc": ids[i]} for i in range(40)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score(ScoreConfig(data=str(corpus), teacher=str(teacher_dir), reference=str(reference_dir), output=str(root / "scores"),
+                      max_length=16, unit=unit, id_column=id_column, shard_size=7))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("unit, id_column", [("document", None), ("document", "doc"), ("chunk", None)])
+def test_refined_rows_equal_an_independent_top_alpha_join(tmp_path, teacher_dir, reference_dir, monkeypatch, unit, id_column):
+    import refine.sample as stage
+
+    monkeypatch.setattr(stage, "BATCH_ROWS", 4)  # many batches, so kept rows cross batch and score-file borders
+    documents = write_scored_corpus(tmp_path, teacher_dir, reference_dir, unit, id_column)
+    alpha = 0.3
+    manifest = sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "out"), alpha=alpha))
+
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scores" / "data").glob("*.parquet"))],
+                       ignore_index=True)
+    top = scores.sort_values(["score", "id"], ascending=[False, True], kind="stable").head(math.ceil(alpha * len(scores)))
+    if unit == "chunk":
+        expected = top.sort_index()  # score order: shard by shard, chunk by chunk
+    else:
+        documents["row"] = range(len(documents))
+        on = ("doc", "id") if id_column else ("row", "id")
+        expected = documents.merge(top[["id", "n_tokens", "teacher_logprob", "ref_logprob", "score"]],
+                                   left_on=on[0], right_on=on[1]).sort_values("row").drop(columns="row")
+        if id_column:
+            expected = expected.drop(columns="id")
+    refined = datasets.load_dataset(str(tmp_path / "out"), split="train").to_pandas()
+    assert list(refined.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(refined.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
+    assert manifest["instances_before"] == len(scores) and manifest["instances_after"] == len(top)
+    assert manifest["tokens_after"] == top["n_tokens"].sum() and manifest["threshold"] == top["score"].min()
+
+
+def test_shard_writer_cuts_shards_by_size_and_names_them_of_n(tmp_path):
+    writer = ShardWriter(tmp_path, "train-x", shard_bytes=100)
+    for k in range(3):
+        writer.write(pa.table({"v": np.arange(k * 20, k * 20 + 20, dtype=np.int64)}))  # 160 bytes: one shard each
+    writer.write(pa.table({"v": np.array([], dtype=np.int64)}))
+    paths = writer.close()
+    assert [p.name for p in paths] == [f"train-x-{k:05d}-of-00003.parquet" for k in range(3)]
+    assert pq.read_table(paths[2]).column("v").to_pylist() == list(range(40, 60))
+    empty = ShardWriter(tmp_path / "e", "train-y", 100)
+    (tmp_path / "e").mkdir()
+    empty.write(pa.table({"v": np.array([], dtype=np.int64)}))
+    assert [pq.read_table(p).num_rows for p in empty.close()] == [0]
+
+
+def test_sample_refuses_a_corpus_that_changed_since_scoring(tiny_run, tmp_path):
+    import os
+    import shutil
+
+    copy = tmp_path / "corpus.jsonl"
+    shutil.copy2(tiny_run / "corpus.jsonl", copy)  # same name, size and modification time: the same corpus
+    sample(SampleConfig(scores=str(tiny_run / "scores"), data=str(copy), output=str(tmp_path / "a"), alpha=0.5))
+    os.utime(copy, ns=(0, 0))
+    with pytest.raises(RefineError, match="files fingerprint mismatch.*give the corpus the scores were made from"):
+        sample(SampleConfig(scores=str(tiny_run / "scores"), data=str(copy), output=str(tmp_path / "b"), alpha=0.5))
