@@ -96,7 +96,7 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
         + "## Provenance\n\n"
         + "| | |\n|---|---|\n"
         + f"| source | `{public_name(data['source'])}` (split `{data['split']}`, text column `{data['text_column']}`, "
-        + f"content sha256 `{data['fingerprint'][:16]}…`) |\n"
+        + f"fingerprint `{data['fingerprint'][:24]}…`) |\n"
         + f"| teacher | {_model_line(scores['teacher'])} |\n"
         + f"| reference | {_model_line(scores['reference'])} |\n"
         + f"| method | {method}; α = {manifest['alpha']}" + (f", seed {manifest['seed']}" if manifest["seed"] is not None else "") + " |\n"

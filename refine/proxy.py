@@ -147,7 +147,9 @@ def _proxy_score(cfg) -> dict:
         "stage": "score", **run_info(), **run, "settings": {**exact_manifest["settings"], "data": cfg.data,
                                                             "id_column": cfg.id_column, "proxy_fraction": cfg.proxy_fraction},
         "data": {"source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
-                 "id_column": cfg.id_column, "fingerprint": corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column),
+                 "id_column": cfg.id_column, "fingerprint": corpus.corpus_fingerprint(
+                     ds, cfg.text_column, cfg.id_column, corpus.corpus_files(cfg.data, cfg.split, cfg.name),
+                     cfg.full_fingerprint),
                  "n_rows": len(ds), "n_blank_skipped": len(ds) - len(rows), "license": ds.info.license or None},
         "data_files": f"data/scores-{tag}-*.parquet", "n_instances": table.num_rows, "n_tokens": n_tokens_all,
         "world_size": 1, "proxy": stats, "elapsed_s": round(time.time() - started, 1),
