@@ -72,3 +72,83 @@ def test_local_executor_two_workers_four_tasks_equals_one_task(corpus, models, t
     assert manifest["world_size"] == 4 and manifest["executor"] == "local"
     completions = tmp_path / ".scores.tasks" / "4-tasks" / "completions"
     assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001", "00002", "00003"]
+
+
+# Stand-ins for Slurm's commands: sbatch records the script and runs every array task of it at once, on this machine,
+# with the variables Slurm sets; the job has finished when sbatch returns, so squeue lists nothing.
+STAND_INS = {
+    "sbatch": '''
+        import os, re, subprocess, sys
+        *options, script = sys.argv[1:]
+        record = os.environ["SLURM_STAND_IN_RECORD"]
+        job_id = str(100 + len([n for n in os.listdir(record) if n.endswith(".slurm")]))
+        text = open(script).read()
+        open(os.path.join(record, f"{job_id}.slurm"), "w").write(text)
+        env = dict(os.environ)
+        for option in options:
+            if option.startswith("--export="):
+                env.update(item.split("=", 1) for item in option.split("=", 1)[1].split(",") if "=" in item)
+        array = re.search(r"^#SBATCH --array=(\\d+)-(\\d+)", text, re.M)
+        log = re.search(r"^#SBATCH --output=(.*)$", text, re.M).group(1)
+        for task in range(int(array.group(1)), int(array.group(2)) + 1) if array else [0]:
+            task_env = {**env, "SLURM_JOB_ID": job_id, "SLURM_ARRAY_JOB_ID": job_id, "SLURM_NODELIST": "localhost",
+                        "SLURM_PROCID": "0", "SLURM_NODEID": "0"}
+            if array:
+                task_env["SLURM_ARRAY_TASK_ID"] = str(task)
+            with open(log.replace("%A", job_id).replace("%a", str(task)), "w") as out:
+                subprocess.run(["bash", script], env=task_env, stdout=out, stderr=subprocess.STDOUT)
+        print(f"Submitted batch job {job_id}")
+    ''',
+    "srun": '''
+        import os, sys
+        words = sys.argv[1:]
+        while words and words[0].startswith("-"):
+            words = words[2:] if words[0] in ("-n", "-N") else words[1:]
+        os.execvp(words[0], words)
+    ''',
+    "squeue": "",
+    "scontrol": '''
+        import sys
+        if sys.argv[1:3] == ["show", "hostnames"]:
+            print("\\n".join(sys.argv[3].split(",")))
+    ''',
+    "sacct": "print('COMPLETED')",
+}
+
+
+def install_slurm_stand_ins(directory: Path) -> Path:
+    directory.mkdir()
+    for name, body in STAND_INS.items():
+        path = directory / name
+        path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+        path.chmod(0o755)
+    return directory
+
+
+def test_slurm_array_job_equals_one_task(corpus, models, tmp_path, one_task, monkeypatch):
+    bin_dir = install_slurm_stand_ins(tmp_path / "bin")
+    record = tmp_path / "submitted"
+    record.mkdir()
+    # The array tasks run datatrove's `launch_pickled_pipeline`, installed beside this Python.
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_STAND_IN_RECORD", str(record))
+    output = tmp_path / "scores"
+    cfg = config(corpus, models, output, executor="slurm", tasks=3, slurm_partition="gpu", slurm_time="00:30:00",
+                 gpus_per_task=1, cpus_per_task=2)
+    manifest = score(cfg)
+    names, table = scores_table(output)
+    assert names == one_task[1][0]
+    assert table.equals(one_task[1][1])
+    assert counts(manifest) == counts(one_task[0])
+    assert manifest["executor"] == "slurm" and manifest["world_size"] == 3
+
+    scripts = sorted(record.glob("*.slurm"))
+    array_job = scripts[0].read_text()  # then datatrove's stats-merging job
+    for directive in ("--array=0-2", "--gpus=1", "--time=00:30:00", "--partition=gpu", "--cpus-per-task=2"):
+        assert f"#SBATCH {directive}\n" in array_job
+    assert "launch_pickled_pipeline" in array_job
+
+    # A rerun submits nothing: every task is recorded as finished and every shard exists.
+    (output / "manifest.json").unlink()
+    score(cfg)
+    assert len(list(record.glob("*.slurm"))) == len(scripts)
