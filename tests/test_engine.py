@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import save_tiny_model
 from refine.config import ScoreConfig
@@ -41,8 +42,9 @@ def corpus(tmp_path_factory):
 
 def config(corpus, models, output, **kwargs) -> ScoreConfig:
     teacher, reference = models
-    return ScoreConfig(data=str(corpus), teacher=str(teacher), reference=str(reference), output=str(output),
-                       max_length=32, shard_size=3, device="cpu", **kwargs)
+    settings = dict(data=str(corpus), teacher=str(teacher), reference=str(reference), output=str(output),
+                    max_length=32, shard_size=3, device="cpu")
+    return ScoreConfig(**{**settings, **kwargs})
 
 
 def scores_table(output: Path):
@@ -152,3 +154,76 @@ def test_slurm_array_job_equals_one_task(corpus, models, tmp_path, one_task, mon
     (output / "manifest.json").unlink()
     score(cfg)
     assert len(list(record.glob("*.slurm"))) == len(scripts)
+
+
+def processes() -> dict[int, str]:
+    """pid -> command line (as the process shows it: Ray names its workers `ray::<Actor>.<method>`), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    for entry in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in entry.read_text().split()]
+        except OSError:
+            pass
+    return children + [d for c in children for d in descendants(c)]
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_run_is_rerun_and_equals_one_task(models, tmp_path):
+    """A real Ray cluster on loopback (2 CPUs, 2 tasks at once); one task's worker is SIGKILLed while it scores."""
+    pytest.importorskip("ray")
+    corpus = tmp_path / "corpus.jsonl"
+    n_docs = 120  # one document per shard: enough shards that the kill lands mid-task
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}. " + "word " * (5 + i % 11)}) + "\n"
+                              for i in range(n_docs)))
+    straight = tmp_path / "straight"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray runs a 1-CPU task: a CPU matmul's sums depend on the thread count
+    try:
+        score(config(corpus, models, straight, shard_size=1))
+    finally:
+        torch.set_num_threads(threads)
+
+    output = tmp_path / "scores"
+    teacher, reference = models
+    command = [sys.executable, "-m", "refine", "score", str(corpus), "--teacher", str(teacher), "--reference",
+               str(reference), "--output", str(output), "--max-length", "32", "--shard-size", "1", "--device", "cpu",
+               "--executor", "ray", "--tasks", "2", "--workers", "2"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = []
+    reader = threading.Thread(target=lambda: log.extend(driver.stdout), daemon=True)
+    reader.start()
+    killed, deadline = None, time.time() + 120
+    while killed is None and time.time() < deadline and driver.poll() is None:
+        n_done = len(list((output / "data").glob("scores-*.parquet"))) if (output / "data").is_dir() else 0
+        if n_done >= 10:
+            workers = [pid for pid, cmdline in processes().items() if cmdline.startswith("ray::RankWorker")]
+            if workers:
+                killed = workers[0]
+                for pid in [killed, *descendants(killed)]:  # the actor and the pool process scoring for it
+                    os.kill(pid, signal.SIGKILL)
+                n_at_kill = len(list((output / "data").glob("scores-*.parquet")))
+        time.sleep(0.01)
+    assert killed is not None, "no Ray worker was found scoring before the run ended:\n" + "".join(log)[-3000:]
+    assert n_at_kill < n_docs, "the run finished before the worker could be killed"
+    assert driver.wait(timeout=300) == 0, "".join(log)[-3000:]
+    reader.join(timeout=10)
+    assert "RayActorError" in "".join(log)  # datatrove saw the worker die and ran its task again
+
+    names, table = scores_table(output)
+    straight_names, straight_table = scores_table(straight)
+    assert names == straight_names
+    assert table.equals(straight_table)
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["n_instances"] == n_docs and manifest["executor"] == "ray"
