@@ -282,7 +282,8 @@ def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
                   if not shard_path(output, setup.tag, first, last).exists()}
     engine.forget_completions(logging_dir, sorted(unfinished))
     record = logging_dir / MODELS_RECORD
-    engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record)), logging_dir)
+    engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag),
+                     logging_dir)
     try:
         return json.loads(record.read_text())
     except (OSError, ValueError):
@@ -313,14 +314,19 @@ def _model_identities(cfg: ScoreConfig, teacher, reference) -> dict:
 
 
 def score_task(cfg: ScoreConfig, task: int, n_tasks: int, setup: Optional[ScoreSetup] = None,
-               world: Optional[World] = None, show_progress: bool = False, models_record: Optional[str] = None) -> dict:
+               world: Optional[World] = None, show_progress: bool = False, models_record: Optional[str] = None,
+               expected_tag: Optional[str] = None) -> dict:
     """Score the shards of task `task` of `n_tasks` that are not on disk yet; write each one atomically.
 
     The one scoring path: each torchrun rank, each datatrove task and a plain single run call it. It never
     claims the output (the driver did) and writes no manifest. The models load only if a shard is missing;
     then their identities are returned (and written to `models_record`, if given, for the driver's manifest).
+    `expected_tag` is the run the driver claimed the output for; a task that finds another one stops.
     """
     setup = setup or prepare(cfg)
+    if expected_tag is not None and setup.tag != expected_tag:
+        raise RefineError(f"task {task} found another corpus, tokenizer or settings than the run it belongs to "
+                          f"(was {cfg.data!r} or a model changed while it was queued?); restore them and rerun the same command")
     output = Path(cfg.output).expanduser().absolute()
     ds, ids, run, tokenizer, ref_tokenizer = setup.ds, setup.ids, setup.run, setup.tokenizer, setup.ref_tokenizer
     start_id, ref_start_id, id_type = setup.start_id, setup.ref_start_id, setup.id_type

@@ -227,3 +227,17 @@ def test_ray_worker_killed_mid_run_is_rerun_and_equals_one_task(models, tmp_path
     assert table.equals(straight_table)
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["n_instances"] == n_docs and manifest["executor"] == "ray"
+
+
+def test_executor_options_are_checked_together(tmp_path):
+    from refine.config import load_config
+    from refine.errors import RefineError
+
+    with pytest.raises(RefineError) as error:
+        load_config(ScoreConfig, overrides=dict(data="c.jsonl", teacher="t", reference="r", output=str(tmp_path / "o"),
+                                                executor="slurm", nproc=2, workers=0, gpus_per_task=-1))
+    message = str(error.value)
+    assert "--workers 0 must be at least 1" in message
+    assert "--gpus-per-task -1 must be at least 0" in message
+    assert "--executor slurm needs --slurm-partition" in message
+    assert "--nproc (torchrun) and --tasks/--executor both split the work; choose one" in message
