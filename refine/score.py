@@ -35,7 +35,8 @@ from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, close_world, init_world, rank_device
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch, token_logprobs
-from refine.output import DATA_DIR, claim, content_tag, run_info, write_json, write_manifest, write_parquet, write_text
+from refine.output import (DATA_DIR, claim, content_tag, remove_temp_files, run_info, write_json, write_manifest,
+                           write_parquet, write_text)
 
 UNITS = ("document", "chunk")
 NORMALIZATIONS = ("tokens", "bytes")
@@ -284,6 +285,7 @@ def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
     record = logging_dir / MODELS_RECORD
     engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag),
                      logging_dir)
+    remove_temp_files(output)  # half-written shards of tasks that were killed and run again
     try:
         return json.loads(record.read_text())
     except (OSError, ValueError):

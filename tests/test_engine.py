@@ -225,6 +225,7 @@ def test_ray_worker_killed_mid_run_is_rerun_and_equals_one_task(models, tmp_path
     straight_names, straight_table = scores_table(straight)
     assert names == straight_names
     assert table.equals(straight_table)
+    assert not list((output / "data").glob(".*.tmp"))  # the killed task's half-written shard is gone
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["n_instances"] == n_docs and manifest["executor"] == "ray"
 
