@@ -58,6 +58,12 @@ def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -
         return datasets.load_dataset(builder, data_files={data_split: literal}, split=data_split)
 
 
+def resolved_source(source: str) -> str:
+    """A local path made absolute and resolved (so a manifest still finds it from another directory); else as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def corpus_files(source: str, split: str = "train", name: Optional[str] = None) -> list[str] | None:
     """Absolute, resolved paths of the local files `load_corpus(source, split, name)` reads; None for a hub dataset."""
     path = Path(source).expanduser()

@@ -146,7 +146,7 @@ def _proxy_score(cfg) -> dict:
     manifest = {
         "stage": "score", **run_info(), **run, "settings": {**exact_manifest["settings"], "data": cfg.data,
                                                             "id_column": cfg.id_column, "proxy_fraction": cfg.proxy_fraction},
-        "data": {"source": cfg.data, "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
+        "data": {"source": corpus.resolved_source(cfg.data), "split": cfg.split, "name": cfg.name, "text_column": cfg.text_column,
                  "id_column": cfg.id_column, "fingerprint": corpus.corpus_fingerprint(
                      ds, cfg.text_column, cfg.id_column, corpus.corpus_files(cfg.data, cfg.split, cfg.name),
                      cfg.full_fingerprint),

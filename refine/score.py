@@ -13,11 +13,13 @@ Conventions (also in docs/pipeline.md):
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -27,13 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from refine import data as corpus
-from refine import models
+from refine import engine, models
 from refine.card import scores_card
 from refine.config import ScoreConfig, result_settings
-from refine.distributed import World, close_world, init_world, rank_device
+from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch, token_logprobs
-from refine.output import DATA_DIR, claim, content_tag, run_info, write_manifest, write_parquet, write_text
+from refine.output import (DATA_DIR, claim, content_tag, remove_temp_files, run_info, write_json, write_manifest,
+                           write_parquet, write_text)
 
 UNITS = ("document", "chunk")
 NORMALIZATIONS = ("tokens", "bytes")
@@ -153,21 +156,58 @@ def score_table(ids, n_tokens, teacher_lp, ref_lp, id_type: pa.DataType, extra: 
 def score(cfg: ScoreConfig) -> dict:
     """Score every instance of `cfg.data`; write Parquet shards and, last, manifest.json. Returns the manifest.
 
-    Under torchrun each rank scores its own shards (round-robin) and rank 0 writes the manifest.
+    Under torchrun each rank scores its own shards (round-robin) and rank 0 writes the manifest. With
+    --tasks N or --executor slurm/ray the shards are dealt to N independent tasks that datatrove runs
+    (refine.engine); this process claims the output, waits for the tasks and writes the manifest.
     """
     validate(cfg)
     if cfg.proxy_fraction is not None:  # proxy scoring is built on top of this stage, in refine.proxy
         raise RefineError("score() scores every document; call refine.proxy.proxy_score for --proxy-fraction")
-    world = init_world(cfg.device)
-    try:
-        return _score(cfg, world)
-    finally:
-        close_world(world)
+    with joined_world(cfg.device) as world:
+        if world.world_size > 1 and uses_executor(cfg):
+            raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
+        setup = prepare(cfg)
+        inputs = [cfg.data, cfg.teacher, cfg.reference]
+        with world.holding(lambda: claim(cfg.output, "score", inputs, cfg.overwrite, setup.run)):
+            if uses_executor(cfg):
+                identities = _run_tasks(cfg, setup)
+            else:
+                done = score_task(cfg, world.rank, world.world_size, setup, world, show_progress=world.is_main)
+                world.barrier()
+                if not world.is_main:
+                    return {"rank": world.rank, "shards_scored": done["shards_scored"]}
+                identities = done["models"]
+            return finish(cfg, setup, identities, n_processes=cfg.tasks if uses_executor(cfg) else world.world_size)
 
 
-def _score(cfg: ScoreConfig, world: World) -> dict:
+def uses_executor(cfg: ScoreConfig) -> bool:
+    """Whether datatrove runs the tasks (else this process, or each torchrun rank, is one task)."""
+    return cfg.executor != "local" or cfg.tasks > 1
+
+
+@dataclass
+class ScoreSetup:
+    """What every task and the driver prepare before any model loads: the corpus, tokenizers and the run's identity."""
+
+    started: float
+    ds: Any
+    ids: list
+    id_type: pa.DataType
+    n_blank: int
+    run: dict
+    tokenizer: Any
+    ref_tokenizer: Any  # None when the reference reads the teacher's tokens
+    start_id: int
+    ref_start_id: int
+
+    @property
+    def tag(self) -> str:
+        return content_tag(self.run)
+
+
+def prepare(cfg: ScoreConfig) -> ScoreSetup:
+    """Read the corpus and tokenizers and define the run (what `claim` compares a resumed output by). No model loads."""
     started = time.time()
-    # ---- set up: corpus, tokenizers and the run's identity, then the output, all before any model loads
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
@@ -203,32 +243,45 @@ def _score(cfg: ScoreConfig, world: World) -> dict:
     if not same_tokenizer:
         run["reference_tokenizer"] = {"fingerprint": models.tokenizer_fingerprint(ref_tokenizer),
                                       "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
-    setup = ScoreSetup(started, ds, ids, id_type, n_blank, run, tokenizer, None if same_tokenizer else ref_tokenizer,
-                       start_id, ref_start_id)
-    claimed = world.on_main(lambda: claim(cfg.output, "score", [cfg.data, cfg.teacher, cfg.reference],
-                                          cfg.overwrite, run))
+    return ScoreSetup(started, ds, ids, id_type, n_blank, run, tokenizer, None if same_tokenizer else ref_tokenizer,
+                      start_id, ref_start_id)
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int, int]]:
+    """(index, first row, last row + 1) of each shard; shards are the same whatever the task count."""
+    return [(k, first, min(first + shard_size, n_rows)) for k, first in enumerate(range(0, n_rows, shard_size))]
+
+
+def shard_path(output: Path, tag: str, first: int, last: int) -> Path:
+    return output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
+
+
+def task_of(shard_index: int, n_tasks: int) -> int:
+    """Shards are dealt round-robin: task t takes shards t, t + N, t + 2N, ..."""
+    return shard_index % n_tasks
+
+
+# The models' identities as the first task that loaded them recorded them (in the logging dir), for the manifest.
+MODELS_RECORD = "models.json"
+
+
+def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
+    """Run the tasks whose shards are not all on disk through datatrove; the models' identities if a task recorded them."""
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    output = Path(cfg.output).expanduser().absolute()
+    # The shards on disk are the truth: a task with a missing shard runs again even if datatrove marked it done
+    # (e.g. after --overwrite, or a shard deleted by hand).
+    unfinished = {task_of(k, cfg.tasks) for k, first, last in shard_ranges(len(setup.ds), cfg.shard_size)
+                  if not shard_path(output, setup.tag, first, last).exists()}
+    engine.forget_completions(logging_dir, sorted(unfinished))
+    record = logging_dir / MODELS_RECORD
+    engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag),
+                     logging_dir)
+    remove_temp_files(output)  # half-written shards of tasks that were killed and run again
     try:
-        world.barrier()
-        return _score_claimed(cfg, world, setup)
-    finally:
-        if claimed is not None:
-            claimed.release()
-
-
-@dataclass
-class ScoreSetup:
-    """What `_score` prepared before claiming the output: the corpus, tokenizers and the run's identity."""
-
-    started: float
-    ds: Any
-    ids: list
-    id_type: pa.DataType
-    n_blank: int
-    run: dict
-    tokenizer: Any
-    ref_tokenizer: Any  # None when the reference reads the teacher's tokens
-    start_id: int
-    ref_start_id: int
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _load_models(cfg: ScoreConfig, world: World):
@@ -249,20 +302,40 @@ def _load_models(cfg: ScoreConfig, world: World):
     return device, teacher, reference
 
 
-def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
-    """Score the shards this rank owns that are not on disk yet; rank 0 then writes the card and manifest."""
+def _model_identities(cfg: ScoreConfig, teacher, reference) -> dict:
+    return {"teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
+            "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision)}
+
+
+def score_task(cfg: ScoreConfig, task: int, n_tasks: int, setup: Optional[ScoreSetup] = None,
+               world: Optional[World] = None, show_progress: bool = False, models_record: Optional[str] = None,
+               expected_tag: Optional[str] = None) -> dict:
+    """Score the shards of task `task` of `n_tasks` that are not on disk yet; write each one atomically.
+
+    The one scoring path: each torchrun rank, each datatrove task and a plain single run call it. It never
+    claims the output (the driver did) and writes no manifest. The models load only if a shard is missing;
+    then their identities are returned (and written to `models_record`, if given, for the driver's manifest).
+    `expected_tag` is the run the driver claimed the output for; a task that finds another one stops.
+    """
+    setup = setup or prepare(cfg)
+    if expected_tag is not None and setup.tag != expected_tag:
+        raise RefineError(f"task {task} found another corpus, tokenizer or settings than the run it belongs to "
+                          f"(was {cfg.data!r} or a model changed while it was queued?); restore them and rerun the same command")
     output = Path(cfg.output).expanduser().absolute()
-    device, teacher, reference = _load_models(cfg, world)
     ds, ids, run, tokenizer, ref_tokenizer = setup.ds, setup.ids, setup.run, setup.tokenizer, setup.ref_tokenizer
     start_id, ref_start_id, id_type = setup.start_id, setup.ref_start_id, setup.id_type
-    n_rows, same_tokenizer, normalize = len(ds), ref_tokenizer is None, run["normalize"]
-    tag = content_tag(run)
-    shards = [(k, first, min(first + cfg.shard_size, n_rows)) for k, first in enumerate(range(0, n_rows, cfg.shard_size))]
-    shard_path = lambda first, last: output / DATA_DIR / f"scores-{tag}-{first:012d}-{last:012d}.parquet"
-    todo = [(k, first, last) for k, first, last in shards if world.owns(k) and not shard_path(first, last).exists()]
+    same_tokenizer, normalize, tag = ref_tokenizer is None, run["normalize"], setup.tag
+    todo = [(k, first, last) for k, first, last in shard_ranges(len(ds), cfg.shard_size)
+            if task_of(k, n_tasks) == task and not shard_path(output, tag, first, last).exists()]
+    if not todo:
+        return {"task": task, "shards_scored": 0, "models": None}
+    device, teacher, reference = _load_models(cfg, world or World())
+    identities = _model_identities(cfg, teacher, reference)
+    if models_record is not None:
+        write_json(Path(models_record), identities)
     budget = TokenBudget(cfg.max_tokens_per_batch, cfg.max_length, device)
     progress = TextProgress(tqdm(total=_text_bytes(ds, cfg.text_column, [(f, l) for _, f, l in todo]), unit="B",
-                                 unit_scale=True, desc="scoring", dynamic_ncols=True, disable=not world.is_main))
+                                 unit_scale=True, desc="scoring", dynamic_ncols=True, disable=not show_progress))
 
     def tokenize_shard(first: int, last: int):
         texts = ds[first:last][cfg.text_column]
@@ -276,7 +349,7 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
 
     # Tokenize the next shard in a thread while the models read the current one (fast tokenizers drop the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(tokenize_shard, *todo[0][1:]) if todo else None
+        pending = pool.submit(tokenize_shard, *todo[0][1:])
         for position, (k, first, last) in enumerate(todo):
             rows, (token_ids, ref_ids, n_bytes) = pending.result()
             if position + 1 < len(todo):
@@ -288,25 +361,32 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
                                          None if same_tokenizer else (ref_ids, ref_start_id))
             else:
                 table = _score_chunks(k, token_ids, tokenizer, teacher, reference, cfg, budget, progress)
-            write_parquet(shard_path(first, last), table)
+            write_parquet(shard_path(output, tag, first, last), table)
             progress.finish_shard()
     progress.close()
-    world.barrier()
-    if not world.is_main:
-        return {"rank": world.rank, "shards_scored": len(todo)}
+    return {"task": task, "shards_scored": len(todo), "models": identities}
 
-    missing = [f"{first}-{last}" for _, first, last in shards if not shard_path(first, last).exists()]
+
+def finish(cfg: ScoreConfig, setup: ScoreSetup, identities: Optional[dict], n_processes: int) -> dict:
+    """Once every shard exists: the card and, last, the manifest. `identities` None: load the models to record them."""
+    output = Path(cfg.output).expanduser().absolute()
+    ds, run, tag = setup.ds, setup.run, setup.tag
+    n_rows = len(ds)
+    shards = shard_ranges(n_rows, cfg.shard_size)
+    missing = [f"{first}-{last}" for _, first, last in shards if not shard_path(output, tag, first, last).exists()]
     if missing:
         raise RefineError(f"shards {', '.join(missing[:5])} are missing after the run; rerun the same command to finish them")
-    paths = [shard_path(first, last) for _, first, last in shards]
+    if identities is None:  # every shard was already on disk (a rerun after a crash before the manifest)
+        _, teacher, reference = _load_models(cfg, World())
+        identities = _model_identities(cfg, teacher, reference)
+    paths = [shard_path(output, tag, first, last) for _, first, last in shards]
     manifest = {
         "stage": "score",
         **run_info(),
         **run,
-        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
-        "reference": models.model_identity(cfg.reference, reference, cfg.reference_revision),
+        **identities,
         "data": {
-            "source": cfg.data,
+            "source": corpus.resolved_source(cfg.data),  # absolute for a local path: a rerun may start elsewhere
             "files": corpus.corpus_files(cfg.data, cfg.split, cfg.name),  # what was read, resolved; None for the Hub
             "split": cfg.split,
             "name": cfg.name,
@@ -320,7 +400,8 @@ def _score_claimed(cfg: ScoreConfig, world: World, setup: ScoreSetup) -> dict:
         "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
         "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),
         "n_tokens": sum(int(pq.read_metadata(p).metadata[b"refine_n_tokens"]) for p in paths),
-        "world_size": world.world_size,
+        "world_size": n_processes,  # torchrun ranks, or tasks
+        "executor": cfg.executor if uses_executor(cfg) else ("torchrun" if n_processes > 1 else "single"),
         "elapsed_s": round(time.time() - setup.started, 1),
     }
     write_text(output / "README.md", scores_card(manifest, f"{DATA_DIR}/scores-{tag}-*.parquet"))

@@ -1,0 +1,127 @@
+"""Run a stage's independent tasks through datatrove's executors: local processes, a Slurm array job or Ray.
+
+A task is a plain function `run_task(task, n_tasks)` that does its share of the work and writes only its own
+files (atomically); the stage claims the output before and writes the manifest after. datatrove's
+executors own the rest: launching, per-task logs, and completion files (`completions/<task>` under the
+logging dir), so a rerun runs only the tasks that did not finish.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.ray import RayPipelineExecutor  # imports Ray only when run
+from datatrove.pipeline.base import PipelineStep
+
+from refine.errors import RefineError
+
+# How often the driver asks Slurm whether its array job is still queued or running, in seconds.
+SLURM_POLL_S = float(os.environ.get("REFINE_SLURM_POLL_S", "30"))
+
+
+class RunTask(PipelineStep):
+    """A datatrove step whose `run(data, rank, world_size)` runs task `rank` of `world_size` of a stage."""
+
+    name = "refine task"
+    type = "refine"
+
+    def __init__(self, run_task: Callable[[int, int], Any]):
+        super().__init__()
+        self.run_task = run_task
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.run_task(rank, world_size)
+        return data
+
+
+def logging_dir_for(output: str, given: str | None, n_tasks: int) -> Path:
+    """Where datatrove keeps this run's logs and completion files: one folder per task count, since task t of N
+    covers other shards than task t of M."""
+    output_path = Path(output).expanduser().absolute()
+    root = Path(given).expanduser().absolute() if given else output_path.parent / f".{output_path.name}.tasks"
+    return root / f"{n_tasks}-tasks"
+
+
+def forget_completions(logging_dir: Path, tasks: list[int]) -> None:
+    """Make datatrove run these tasks again although it recorded them as finished."""
+    for task in tasks:
+        (logging_dir / "completions" / f"{task:05d}").unlink(missing_ok=True)
+
+
+def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path):
+    """The datatrove executor `cfg.executor` names, running `cfg.tasks` tasks of `run_task`."""
+    step = [RunTask(run_task)]
+    workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
+    if cfg.executor == "local":
+        return LocalPipelineExecutor(step, tasks=cfg.tasks, workers=workers, logging_dir=str(logging_dir))
+    if cfg.executor == "slurm":
+        return SlurmPipelineExecutor(
+            step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,
+            cpus_per_task=cfg.cpus_per_task, gpus_per_task=cfg.gpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb,
+            job_name="refine-score", env_command=cfg.slurm_env_command, logging_dir=str(logging_dir),
+            qos=None,  # the cluster's default QOS; datatrove would ask for one named "normal"
+            requeue_signals=None,  # a requeued task simply reruns its missing shards
+        )
+    return RayPipelineExecutor(step, tasks=cfg.tasks, workers=workers, logging_dir=str(logging_dir),
+                               cpus_per_task=cfg.cpus_per_task, gpus_per_task=cfg.gpus_per_task,
+                               mem_per_cpu_gb=cfg.mem_per_cpu_gb)
+
+
+def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path) -> None:
+    """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them; raise if any did not finish."""
+    executor = make_executor(cfg, run_task, logging_dir)
+    if cfg.executor == "ray":
+        _run_on_ray(executor, cfg)
+    elif cfg.executor == "slurm":
+        _run_on_slurm(executor)
+    else:
+        executor.run()
+    unfinished = executor.get_incomplete_ranks(skip_completed=True)
+    if unfinished:
+        shown = ", ".join(map(str, unfinished[:10])) + (" ..." if len(unfinished) > 10 else "")
+        raise RefineError(f"tasks {shown} of {cfg.tasks} did not finish (their logs: {logging_dir / 'logs'}); "
+                          "rerun the same command to run only those")
+
+
+def _run_on_slurm(executor) -> None:
+    """Submit the array job, then wait while Slurm still lists it: the manifest needs every task's shards."""
+    try:
+        executor.run()
+    except FileNotFoundError as e:
+        raise RefineError(f"--executor slurm needs Slurm's `{Path(e.filename or 'sbatch').name}` on PATH; "
+                          "run this command on a Slurm login node") from None
+    except subprocess.CalledProcessError as e:
+        raise RefineError(f"sbatch refused the job (exit {e.returncode}); check --slurm-partition, --slurm-time "
+                          "and the Slurm log above") from None
+    if executor.job_id in (None, -1):  # every task had finished already
+        return
+    while True:
+        listed = subprocess.run(["squeue", "-h", "-j", str(executor.job_id)], capture_output=True, text=True)
+        if listed.returncode != 0 or not listed.stdout.strip():
+            return
+        time.sleep(SLURM_POLL_S)
+
+
+def _run_on_ray(executor, cfg) -> None:
+    """Join the cluster at --ray-address, or start a local one on loopback that lives as long as this command."""
+    try:
+        import ray
+    except ImportError:
+        raise RefineError("--executor ray needs Ray; pip install 'miniplm-refine[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, log_to_driver=False)
+        else:
+            n_cpus = cfg.cpus_per_task * (cfg.workers or cfg.tasks)
+            ray.init(num_cpus=n_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        executor.run()
+    finally:
+        if started_here:
+            ray.shutdown()
