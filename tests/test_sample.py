@@ -114,3 +114,18 @@ def test_sample_refuses_a_corpus_that_changed_since_scoring(tiny_run, tmp_path):
     os.utime(copy, ns=(0, 0))
     with pytest.raises(RefineError, match="files fingerprint mismatch.*give the corpus the scores were made from"):
         sample(SampleConfig(scores=str(tiny_run / "scores"), data=str(copy), output=str(tmp_path / "b"), alpha=0.5))
+
+
+def test_sample_from_another_directory_finds_a_corpus_scored_by_a_relative_path(tmp_path, monkeypatch, teacher_dir,
+                                                                                reference_dir):
+    from refine.config import ScoreConfig
+    from refine.score import score
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "corpus.jsonl").write_text("".join(f'{{"text": "doc {i} words"}}\n' for i in range(6)))
+    monkeypatch.chdir(tmp_path / "project")
+    score(ScoreConfig(data="corpus.jsonl", teacher=str(teacher_dir), reference=str(reference_dir), output="scores",
+                      max_length=16))
+    monkeypatch.chdir(tmp_path)  # the manifest recorded where the corpus is, not how it was typed
+    manifest = sample(SampleConfig(scores="project/scores", output="refined", alpha=0.5))
+    assert manifest["instances_after"] == 3
