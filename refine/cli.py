@@ -150,7 +150,7 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
     return register
 
 
-VERBOSE_HELP = "Also show the progress bars and info logs of datasets, transformers and huggingface_hub."
+VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers and huggingface_hub."
 
 
 def quiet_libraries() -> None:

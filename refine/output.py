@@ -147,13 +147,23 @@ class Claim:
 
     def commit(self, staging: Path) -> None:
         """Rename the finished staging directory into place (replacing refine's previous result, if any)."""
-        old = self.path.parent / f".{self.path.name}{STAGING}old-{os.getpid()}"
         if (staging / MANIFEST).exists():  # the manifest now proves whose directory it is
             (staging / RUN_FILE).unlink(missing_ok=True)
-        if self.path.exists():
-            self.path.rename(old)
-        staging.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(staging, self.path, self.path.parent / f".{self.path.name}{STAGING}old-{os.getpid()}")
+
+
+def swap_in(staging: Path, final: Path, old: Path) -> None:
+    """Put the finished `staging` directory at `final`; a previous `final` is kept at `old` until the new one is in,
+    and put back if the new one cannot be moved in."""
+    if final.exists():
+        final.rename(old)
+    try:
+        staging.rename(final)
+    except OSError:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def claim(output: str | Path, stage: str, inputs: Iterable[Optional[str]] = (), overwrite: bool = False,
@@ -352,7 +362,7 @@ def foreign_files(path: Path, stage: str) -> list[str]:
 
 
 def _is_temp(relative: str) -> bool:
-    """refine's own temp files: `.<name>.<random>.tmp` (atomic_write) and `<name>.tmp` directories' contents."""
+    """refine's own temp files: `.<name>.<random>.tmp`, as atomic_write names them."""
     name = relative.rsplit("/", 1)[-1]
     return name.startswith(".") and name.endswith(".tmp")
 
@@ -449,6 +459,9 @@ def verify(directory: str | Path, stage: str, check_hashes: bool = True) -> dict
                             f"{record['bytes']} (truncated or changed)")
         elif check_hashes and file_sha256(file) != record["sha256"]:
             problems.append(f"{record['path']} of {shown!r} was changed after refine wrote it (SHA-256 differs)")
+        elif "rows" in record and pq.read_metadata(file).num_rows != record["rows"]:
+            problems.append(f"{record['path']} of {shown!r} has {pq.read_metadata(file).num_rows} rows, the manifest "
+                            f"says {record['rows']}")
     listed = {record["path"] for record in manifest["files"]}
     pattern = DATA_FILES.get(stage)
     if pattern:

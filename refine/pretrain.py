@@ -32,7 +32,7 @@ from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
 from refine.flops import device_peak, matmul_params
 from refine.lm_loss import CausalLMLoss
-from refine.output import RUN_FILE, claim, run_info, write_json, write_manifest
+from refine.output import RUN_FILE, claim, run_info, swap_in, write_json, write_manifest
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -204,10 +204,7 @@ def save_checkpoint(output: Path, loss_module, model, optimizer, scheduler, step
                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng}
         torch.save(state, staging / "trainer_state.pt")
         write_json(staging / "config.json", asdict(cfg))
-        if final.exists():
-            final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(staging, final, old)
     world.barrier()
 
 
@@ -423,6 +420,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
             save_checkpoint(output, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler, step, cfg,
                             world)
     progress.close()
+    if eval_loss is None:  # resumed from the final checkpoint of a run killed before it saved the model
+        eval_loss = evaluate(trainer.loss_module, data.held_out, cfg.micro_batch_size, device, trainer.dtype)
 
     # ---- finish: the model in safetensors with its tokenizer, the manifest last
     manifest = {"stage": "pretrain", **run_info(), "settings": asdict(cfg), "model_type": trainer.model.config.model_type,
@@ -471,8 +470,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics line; a line a killed run left half-written counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _save_final(output: Path, model, tokenizer, manifest: dict, state_dict: dict | None = None) -> None:

@@ -93,16 +93,21 @@ def proxy_score(cfg) -> dict:
         raise RefineError("proxy scoring runs in one process; drop torchrun/--nproc (or score the subset with torchrun)")
     if cfg.unit != "document":
         raise RefineError("--proxy-fraction predicts whole documents' scores; use --unit document")
-    with claim(cfg.output, "score", [cfg.data, cfg.teacher, cfg.reference], cfg.overwrite,
-               run={"proxy": result_settings(cfg)}):
-        return _proxy_score(cfg)
-
-
-def _proxy_score(cfg) -> dict:
-    started = time.time()
-    output = Path(cfg.output).expanduser().absolute()
+    # What defines the result, as for `refine score`: a changed corpus or model is never resumed into.
+    files = corpus.corpus_files(cfg.data, cfg.split, cfg.name)
     ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
+    run = {"proxy": result_settings(cfg),
+           "data_fingerprint": corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column, files, cfg.full_fingerprint),
+           "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision),
+           "reference": models.model_identity(cfg.reference, None, cfg.reference_revision)}
+    with claim(cfg.output, "score", [cfg.data, cfg.teacher, cfg.reference], cfg.overwrite, run=run):
+        return _proxy_score(cfg, ds)
+
+
+def _proxy_score(cfg, ds) -> dict:
+    started = time.time()
+    output = Path(cfg.output).expanduser().absolute()
     ids = corpus.document_ids(ds, cfg.id_column)
     texts = ds[cfg.text_column]
     rows = np.array([i for i, t in enumerate(texts) if not corpus.is_blank(t)])

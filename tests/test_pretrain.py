@@ -139,3 +139,23 @@ def test_bad_budgets_and_configs_are_refused(tmp_path, train_file, tokenizer_dir
     with pytest.raises(RefineError, match=message):
         pretrain(config(train_file, tokenizer_dir, model_config, tmp_path / "out", **overrides))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_resume_after_a_half_written_metrics_line(tmp_path, train_file, tokenizer_dir, monkeypatch):
+    model_config = tiny_config_file(tmp_path, "llama")
+    out = tmp_path / "out"
+    pretrain_until_crash(config(train_file, tokenizer_dir, model_config, out, max_steps=4), monkeypatch, 2)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed in the middle of a line
+    manifest = pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4, resume=True))
+    assert manifest["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_from_the_final_checkpoint_still_reports_a_held_out_loss(tmp_path, train_file, tokenizer_dir, monkeypatch):
+    model_config = tiny_config_file(tmp_path, "llama")
+    out = tmp_path / "out"
+    pretrain_until_crash(config(train_file, tokenizer_dir, model_config, out, max_steps=4), monkeypatch, 4)
+    manifest = pretrain(config(train_file, tokenizer_dir, model_config, out, max_steps=4, resume=True))
+    assert manifest["steps"] == 4 and manifest["eval_loss"] > 0
