@@ -102,9 +102,11 @@ def _run_on_slurm(executor) -> None:
         return
     while True:
         listed = subprocess.run(["squeue", "-h", "-j", str(executor.job_id)], capture_output=True, text=True)
-        if listed.returncode != 0 or not listed.stdout.strip():
+        if listed.returncode == 0 and not listed.stdout.strip():
             return
-        time.sleep(SLURM_POLL_S)
+        if listed.returncode != 0 and "invalid job id" in listed.stderr.lower():  # purged: long finished
+            return
+        time.sleep(SLURM_POLL_S)  # still queued or running, or the controller did not answer this time
 
 
 def _run_on_ray(executor, cfg) -> None:
