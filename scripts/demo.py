@@ -24,6 +24,8 @@ from pathlib import Path
 
 import datasets
 
+datasets.disable_progress_bars()  # the summary below reads the outputs; refine's own commands are quiet already
+
 from refine.offline_corpus import build_corpus
 
 WORKDIR = Path("demo_output")
