@@ -426,6 +426,11 @@ def write_manifest(directory: Path, manifest: dict, files: Iterable[str]) -> dic
     return sealed
 
 
+def parquet_files(directory: Path, manifest: dict) -> list[Path]:
+    """The Parquet data files a (verified) manifest lists, in its order."""
+    return [Path(directory) / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
+
+
 def verify(directory: str | Path, stage: str, check_hashes: bool = True) -> dict:
     """The manifest of a finished `stage` output, after checking it and every file it lists; else one error."""
     path = Path(directory).expanduser()

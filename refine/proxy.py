@@ -32,7 +32,7 @@ from refine.card import scores_card
 from refine.errors import RefineError
 from refine.logprobs import length_batches, pad_batch
 from refine.config import result_settings
-from refine.output import MANIFEST, claim, content_tag, run_info, verify, write_manifest, write_parquet, write_text
+from refine.output import MANIFEST, claim, content_tag, parquet_files, run_info, verify, write_manifest, write_parquet, write_text
 
 EXACT_DIR = "exact"
 HELD_OUT_SHARE = 0.2
@@ -181,8 +181,7 @@ def score_exact_subset(cfg, ds, rows: np.ndarray, output: Path) -> tuple[pa.Tabl
     else:
         manifest = score(replace(cfg, data=str(subset_file), output=str(output / EXACT_DIR), proxy_fraction=None,
                                  id_column=ROW_COLUMN, split="train", name=None, overwrite=False))
-    shards = [output / EXACT_DIR / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
-    return pq.read_table(shards), manifest
+    return pq.read_table(parquet_files(output / EXACT_DIR, manifest)), manifest
 
 
 @dataclass

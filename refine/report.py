@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from refine.config import ReportConfig
 from refine.errors import RefineError
-from refine.output import claim_file, write_text
-from refine.sample import open_scored_corpus, read_scores, score_files, select_top_fraction, selection_keys
+from refine.output import claim_file, parquet_files, write_text
+from refine.sample import open_scored_corpus, read_scores, select_top_fraction, selection_keys
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -47,7 +47,7 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     if manifest["settings"]["unit"] == "chunk":
         if cfg.group_column:
             raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-        paths = score_files(Path(cfg.scores), manifest)
+        paths = parquet_files(Path(cfg.scores), manifest)
         return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
     ds = open_scored_corpus(cfg.data or spec["source"], spec)
     if cfg.group_column and cfg.group_column not in ds.column_names:

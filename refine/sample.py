@@ -18,7 +18,7 @@ from refine import data as corpus
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, Claim, claim, content_tag, run_info, verify, write_fault, write_manifest, write_text
+from refine.output import DATA_DIR, Claim, claim, content_tag, parquet_files, run_info, verify, write_fault, write_manifest, write_text
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -60,15 +60,11 @@ SELECTION_COLUMNS = ("id", *SCORE_COLUMNS, "ref_n_tokens")
 BATCH_ROWS = 1000  # rows read and written at a time: a few MB of text for typical documents
 
 
-def score_files(scores_dir: Path, manifest: dict) -> list[Path]:
-    return [scores_dir / f["path"] for f in manifest["files"] if f["path"].endswith(".parquet")]
-
-
 def read_scores(scores_dir: Path) -> tuple[pa.Table, dict]:
     """The selection columns (ids and numbers) of every score row of a finished `refine score` output, after
     checking its files against the manifest: O(N) numbers, no text."""
     manifest = verify(scores_dir, "score")
-    paths = score_files(scores_dir, manifest)
+    paths = parquet_files(scores_dir, manifest)
     present = set(pq.read_schema(paths[0]).names) if paths else set()
     columns = [c for c in SELECTION_COLUMNS if c in present]
     table = pa.concat_tables(pq.read_table(p, columns=columns).replace_schema_metadata(None) for p in paths)
@@ -93,7 +89,7 @@ def sample(cfg: SampleConfig) -> dict:
         if score_manifest["settings"]["unit"] == "chunk":
             if cfg.data is not None:
                 open_scored_corpus(cfg.data, data_spec)
-            batches = kept_chunks(score_files(scores_dir, score_manifest), kept)
+            batches = kept_chunks(parquet_files(scores_dir, score_manifest), kept)
         else:
             batches = kept_documents(open_scored_corpus(source, data_spec), data_spec["id_column"], kept_scores)
 

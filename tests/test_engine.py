@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import save_tiny_model
 from refine.config import ScoreConfig
 from refine.score import score
 
@@ -25,9 +24,8 @@ N_DOCS = 24
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-models")
-    return save_tiny_model(root / "teacher", "llama", seed=1), save_tiny_model(root / "reference", "qwen2", seed=2)
+def models(teacher_dir, reference_dir):
+    return teacher_dir, reference_dir
 
 
 @pytest.fixture(scope="module")
