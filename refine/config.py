@@ -423,9 +423,11 @@ class EvalConfig(CorpusArgs):
     )
     limit: Optional[int] = option(None, "Evaluate at most this many examples per task (for a quick look; the numbers "
                                         "are then not comparable to published ones).", check=at_least(1))
-    max_length: int = option(1024, "Longest window (tokens) a model reads on the held-out corpus; longer documents "
-                                   "are split into windows that overlap by one token, as in `refine score`.",
-                             check=at_least(2, "use at least 2 tokens"))
+    max_length: Optional[int] = option(
+        None, "Longest window (tokens) a model reads on the held-out corpus; longer documents are split into windows "
+              "that overlap by one token, as in `refine score`. Default: 1024, or the fewest positions any of the "
+              "models has if that is less.",
+        check=at_least(2, "use at least 2 tokens"))
     batch_size: int = option(8, "Sequences per forward pass (held-out windows, and the harness's requests).",
                              result=False, check=at_least(1))
     device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.", result=False)

@@ -123,6 +123,7 @@ class EvalSetup:
     refs: list[str]
     names: list[str]
     heldout: Optional[HeldOut]
+    max_length: Optional[int]  # held-out window length (tokens)
     tasks: Optional[TaskPlan]
     device: torch.device
     dtype: torch.dtype
@@ -167,19 +168,28 @@ def check_models(cfg: EvalConfig) -> list[str]:
     return refs
 
 
-def check_max_length(cfg: EvalConfig, refs: list[str]) -> None:
-    """--max-length must fit every model's positions; read from the configs alone, before any weights load."""
-    too_long = []
+DEFAULT_MAX_LENGTH = 1024
+
+
+def window_length(cfg: EvalConfig, refs: list[str]) -> int:
+    """The held-out window length: --max-length, which must fit every model's positions, or by default 1024 capped
+    at the fewest positions of any model (so every model reads the same windows). Read from the configs alone."""
+    limits = {}
     for ref in refs:
         source = models.resolve_model_source(ref)
         if source.gguf_file:
             continue  # a GGUF file's config comes with its weights; the load itself reports a problem
         limit = models.max_positions(models.load_model_config(source.path if source.is_local else ref,
                                                               cfg.trust_remote_code))
-        if limit is not None and cfg.max_length > limit:
-            too_long.append(f"--max-length {cfg.max_length} exceeds the {limit} positions of {ref!r}; lower --max-length")
+        if limit is not None:
+            limits[ref] = limit
+    if cfg.max_length is None:
+        return max(2, min([DEFAULT_MAX_LENGTH, *limits.values()]))
+    too_long = [f"--max-length {cfg.max_length} exceeds the {limit} positions of {ref!r}; lower --max-length"
+                for ref, limit in limits.items() if cfg.max_length > limit]
     if too_long:
         raise RefineError(*too_long)
+    return cfg.max_length
 
 
 def read_heldout(cfg: EvalConfig) -> HeldOut:
@@ -255,6 +265,12 @@ def plan_tasks(specs: list[str]) -> tuple[TaskPlan, Any]:
         raise RefineError(f"task{'s' if len(remote) > 1 else ''} {', '.join(remote)} read their data from the Hugging "
                           "Face Hub, which is not reachable (offline, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); "
                           "connect to the Hub, or give local task YAML files")
+    try:  # builds every task and fetches its data now, so a task that cannot run stops the command before any model loads
+        manager.load(names)
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefineError(f"lm-evaluation-harness could not prepare the tasks {', '.join(names)} ({message}); check "
+                          "the task YAML files and that their data can be read") from None
     return TaskPlan(names, include, bool(named)), manager
 
 
@@ -296,12 +312,13 @@ def prepare(cfg: EvalConfig) -> tuple[EvalSetup, Any]:
     started = time.time()
     refs = check_models(cfg)
     task_plan, manager = plan_tasks(cfg.tasks) if cfg.tasks else (None, None)
-    heldout = None
+    heldout, max_length = None, None
     if cfg.data:
         heldout = read_heldout(cfg)
-        check_max_length(cfg, refs)
+        max_length = window_length(cfg, refs)
     device = models.resolve_device(cfg.device)
-    setup = EvalSetup(started, refs, model_names(refs), heldout, task_plan, device, models.resolve_dtype(cfg.dtype, device))
+    setup = EvalSetup(started, refs, model_names(refs), heldout, max_length, task_plan, device,
+                      models.resolve_dtype(cfg.dtype, device))
     return setup, manager
 
 
@@ -324,12 +341,11 @@ def model_record(ref: str, name: str, model) -> dict:
     return record
 
 
-def evaluate_heldout(model, tokenizer, ref: str, heldout: HeldOut, cfg: EvalConfig, name: str) -> dict:
+def evaluate_heldout(model, tokenizer, ref: str, heldout: HeldOut, max_length: int, batch_size: int, name: str) -> dict:
     documents = tokenizer(heldout.texts, add_special_tokens=False, verbose=False)["input_ids"]
     n_tokens = np.array([len(d) for d in documents], dtype=np.int64)
     with tqdm(total=int(n_tokens.sum()), unit="tok", desc=f"held-out {name}", dynamic_ncols=True) as bar:
-        nll = document_nll(model, documents, models.start_token_id(tokenizer, ref), cfg.max_length,
-                           cfg.batch_size * cfg.max_length, bar)
+        nll = document_nll(model, documents, models.start_token_id(tokenizer, ref), max_length, batch_size * max_length, bar)
     return heldout_summary(nll, n_tokens, heldout.n_bytes, heldout.groups)
 
 
@@ -364,7 +380,7 @@ def evaluate_model(ref: str, name: str, setup: EvalSetup, manager, cfg: EvalConf
     model = models.load_causal_lm(ref, None, setup.dtype, setup.device, cfg.trust_remote_code)
     record = model_record(ref, name, model)
     if setup.heldout is not None:
-        record["heldout"] = evaluate_heldout(model, tokenizer, ref, setup.heldout, cfg, name)
+        record["heldout"] = evaluate_heldout(model, tokenizer, ref, setup.heldout, setup.max_length, cfg.batch_size, name)
     if setup.tasks is not None:
         record["tasks"], record["harness"] = evaluate_tasks(model, tokenizer, setup.tasks, manager, cfg)
     del model
@@ -473,7 +489,7 @@ def finish(cfg: EvalConfig, setup: EvalSetup, records: list[dict], claimed) -> d
         "data": None if setup.heldout is None else {
             "source": corpus.resolved_source(cfg.data), "split": cfg.split, "name": cfg.name,
             "text_column": cfg.text_column, "group_column": cfg.group_column, "fingerprint": setup.heldout.fingerprint,
-            "n_blank_skipped": setup.heldout.n_blank},
+            "n_blank_skipped": setup.heldout.n_blank, "max_length": setup.max_length},
         "tasks": None if setup.tasks is None else setup.tasks.names,
         "versions": versions(),
     }

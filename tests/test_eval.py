@@ -52,7 +52,7 @@ def test_windows_predict_every_token_once_with_one_token_overlap():
 
 def test_heldout_loss_and_bits_per_byte_match_a_hand_computation(model_dirs, heldout_file, tmp_path):
     results = evaluate(EvalConfig(models=[str(model_dirs[0])], output=str(tmp_path / "out"), data=str(heldout_file),
-                                  group_column="source", max_length=512, batch_size=2))
+                                  group_column="source", batch_size=2))
     model = AutoModelForCausalLM.from_pretrained(model_dirs[0]).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
     totals = {}  # group -> [nll, tokens, bytes, documents]
@@ -194,6 +194,9 @@ def test_errors_are_one_line_before_any_model_loads(model_dirs, heldout_file, tm
     assert "exceeds the 512 positions" in one_line_error([model_dirs[0], "--data", heldout_file, "--max-length", "4096", "--output", out])
     assert "does not exist" in one_line_error([tmp_path / "missing", "--data", heldout_file, "--output", out])
     assert "holds no lm-evaluation-harness task" in one_line_error([model_dirs[0], "--tasks", heldout_file, "--output", out])
+    tasks = write_tasks(tmp_path)
+    (tmp_path / "mc.jsonl").unlink()  # a task whose data cannot be read
+    assert "could not prepare the tasks" in one_line_error([model_dirs[0], "--tasks", tasks / "tiny_mc.yaml", "--output", out])
     assert not out.exists()
 
 
@@ -210,3 +213,28 @@ def test_unknown_and_hub_tasks_are_refused_offline_before_any_model_loads(tmp_pa
 def test_config_refuses_group_column_without_data():
     with pytest.raises(RefineError, match="--group-column splits the held-out corpus"):
         EvalConfig(models=["m"], output="o", tasks=["piqa"], group_column="domain").check()
+
+
+def test_a_pretrain_output_is_evaluated_once_its_manifest_checks_out(tmp_path, heldout_file):
+    from conftest import TINY
+    from refine.config import PretrainConfig
+    from refine.pretrain import pretrain
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    small_tokenizer().save_pretrained(tokenizer_dir)
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", **TINY["llama"]}))
+    student = tmp_path / "runs" / "student"
+    pretrain(PretrainConfig(data=str(heldout_file), model_config=str(tmp_path / "llama.json"), tokenizer=str(tokenizer_dir),
+                            output=str(student), seq_len=16, micro_batch_size=2, max_steps=2, eval_fraction=0.2,
+                            warmup_steps=1))
+    results = evaluate(EvalConfig(models=[str(student)], output=str(tmp_path / "out"), data=str(heldout_file)))
+    record = results["models"][0]
+    assert record["name"] == "student" and record["heldout"]["n_documents"] == 8
+    assert results["data"]["max_length"] == 512  # the default 1024 capped at the tiny model's positions
+    assert set(record["weights_sha256"]) == {"model.safetensors"}
+    with open(student / "model.safetensors", "r+b") as f:  # a weight file changed after pretrain wrote it
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert "SHA-256 differs" in one_line_error([student, "--data", heldout_file, "--output", tmp_path / "out2"])
