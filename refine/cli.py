@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
     return register
 
 
-VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers and huggingface_hub."
+VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers, huggingface_hub and lm-evaluation-harness."
 
 
 def quiet_libraries() -> None:
@@ -163,6 +164,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split"
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the harness's info and warning lines (refine eval --tasks)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
         sys.modules["datasets"].logging.set_verbosity_error()

@@ -13,7 +13,6 @@ Tasks (--tasks) run through the harness's HFLM wrapper around the model and toke
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import time
@@ -354,7 +353,6 @@ def evaluate_tasks(model, tokenizer, plan: TaskPlan, manager, cfg: EvalConfig) -
     lm_eval, _ = _import_harness()
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-request info lines would bury refine's output
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     raw = lm_eval.simple_evaluate(model=lm, tasks=plan.names, task_manager=manager, limit=cfg.limit, num_fewshot=0,
                                   log_samples=False)
