@@ -109,15 +109,16 @@ class HeldOut:
 
 @dataclass
 class TaskPlan:
-    """The harness tasks to run: names as the harness knows them, and the local paths its TaskManager must search."""
+    """The harness tasks to run: names as the harness knows them, and the local paths its TaskManager searches."""
 
     names: list[str]
     include_paths: list[str]
-    include_defaults: bool
 
 
 @dataclass
 class EvalSetup:
+    """What the run needs, all checked before any model loads."""
+
     started: float
     refs: list[str]
     names: list[str]
@@ -227,7 +228,8 @@ def _import_harness():
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise RefineError("--tasks needs lm-evaluation-harness; pip install 'refine[eval]' (or lm_eval)") from None
+        raise RefineError("--tasks needs lm-evaluation-harness; pip install lm_eval (or, in a refine checkout, "
+                          "pip install -e '.[eval]')") from None
     return lm_eval, TaskManager
 
 
@@ -270,7 +272,7 @@ def plan_tasks(specs: list[str]) -> tuple[TaskPlan, Any]:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefineError(f"lm-evaluation-harness could not prepare the tasks {', '.join(names)} ({message}); check "
                           "the task YAML files and that their data can be read") from None
-    return TaskPlan(names, include, bool(named)), manager
+    return TaskPlan(names, include), manager
 
 
 @functools.lru_cache(maxsize=8)
@@ -389,9 +391,11 @@ def evaluate_model(ref: str, name: str, setup: EvalSetup, manager, cfg: EvalConf
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every model; write results.json, results.md (and results.png for several models), manifest last."""
-    setup, manager = prepare(cfg)
-    inputs = [cfg.data, *setup.refs, *(setup.tasks.include_paths if setup.tasks else [])]
+    validate(cfg)
+    # Task values that are local paths (YAML files, directories) are inputs too: the output must not overlap them.
+    inputs = [cfg.data, *cfg.models, *split_task_specs(cfg.tasks or [])]
     with claim(cfg.output, "eval", inputs, cfg.overwrite, staged=True) as claimed:
+        setup, manager = prepare(cfg)
         records = [evaluate_model(ref, name, setup, manager, cfg) for ref, name in zip(setup.refs, setup.names)]
         return finish(cfg, setup, records, claimed)
 
@@ -489,6 +493,7 @@ def finish(cfg: EvalConfig, setup: EvalSetup, records: list[dict], claimed) -> d
             "text_column": cfg.text_column, "group_column": cfg.group_column, "fingerprint": setup.heldout.fingerprint,
             "n_blank_skipped": setup.heldout.n_blank, "max_length": setup.max_length},
         "tasks": None if setup.tasks is None else setup.tasks.names,
+        "task_paths": None if setup.tasks is None else setup.tasks.include_paths,  # local task YAML directories searched
         "versions": versions(),
     }
     write_json(staging / "results.json", results)
