@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from refine import __version__
-from refine.config import (DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig,
+from refine.config import (DistillCacheConfig, EvalConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig,
                            flag, load_config)
 from refine.errors import RefineError
 from refine.output import WRITE_FAULTS, write_fault
@@ -150,7 +151,7 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
     return register
 
 
-VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers and huggingface_hub."
+VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers, huggingface_hub and lm-evaluation-harness."
 
 
 def quiet_libraries() -> None:
@@ -163,6 +164,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split"
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the harness's info and warning lines (refine eval --tasks)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
         sys.modules["datasets"].logging.set_verbosity_error()
@@ -310,6 +312,29 @@ def plan_command(cfg: PlanConfig) -> None:
 
     for line in _stage(lambda: plan(cfg)):
         typer.echo(line)
+
+
+@config_command("eval", EvalConfig, positional=("models",))
+def eval_command(cfg: EvalConfig) -> None:
+    """Evaluate models: loss per token and bits per byte on held-out text (--data), zero-shot tasks (--tasks).
+
+    Writes results.json (every number, with the weights' SHA-256), results.md (one row per model) and, for
+    several models, results.png. Tasks run through lm-evaluation-harness (refine's `eval` extra installs it).
+    """
+    from refine.eval import evaluate
+
+    results = _stage(lambda: evaluate(cfg))
+    for record in results["models"]:
+        parts = []
+        if "heldout" in record:
+            h = record["heldout"]
+            parts.append(f"held-out {h['bits_per_byte']:.4f} bits/byte, {h['loss_per_token']:.4f} nats/token")
+        for task, metrics in record.get("tasks", {}).items():
+            shown = next((m for m in ("acc", "acc_norm") if m in metrics), None)
+            if shown:
+                parts.append(f"{task} {shown} {metrics[shown]:.4f}")
+        typer.echo(f"{record['name']}: " + "; ".join(parts))
+    typer.echo(f"wrote {cfg.output}/results.json and results.md")
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:

@@ -401,6 +401,42 @@ class DistillCacheConfig(CorpusArgs):
     overwrite: bool = option(False, "Replace an output directory that already holds a finished cache.", result=False)
 
 
+@dataclass
+class EvalConfig(CorpusArgs):
+    models: Optional[list[str]] = required(
+        "Models to evaluate: directories written by `refine pretrain`, other local model directories or hub ids; "
+        "each is read with its own tokenizer."
+    )
+    output: Optional[str] = required("Directory for results.json, results.md, results.png and manifest.json.",
+                                     result=False)
+    data: Optional[str] = option(
+        None, "Held-out corpus (any DATA form that `refine score` accepts): each model's loss per token and bits per "
+              "byte on it. Give --data, --tasks or both."
+    )
+    group_column: Optional[str] = option(None, "Corpus column whose values split the held-out numbers into groups "
+                                               "(e.g. domain, source).")
+    tasks: Optional[list[str]] = option(
+        None,
+        "Zero-shot tasks of lm-evaluation-harness: task names, local task YAML files or directories of them "
+        "(repeat the option or separate with commas). `miniplm`: the MiniPLM paper's nine tasks. Hub-hosted "
+        "task data needs the Hub.",
+    )
+    limit: Optional[int] = option(None, "Evaluate at most this many examples per task (for a quick look; the numbers "
+                                        "are then not comparable to published ones).", check=at_least(1))
+    max_length: Optional[int] = option(
+        None, "Longest window (tokens) a model reads on the held-out corpus; longer documents are split into windows "
+              "that overlap by one token, as in `refine score`. Default: 1024, or the fewest positions any of the "
+              "models has if that is less.",
+        check=at_least(2, "use at least 2 tokens"))
+    batch_size: int = option(8, "Sequences per forward pass (held-out windows, and the harness's requests).",
+                             result=False, check=at_least(1))
+    device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.", result=False)
+    dtype: str = option("auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`.",
+                        check=one_of("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = option(False, "Allow models/tokenizers to run code from their repository.")
+    overwrite: bool = option(False, "Replace an output directory that already holds a result.", result=False)
+
+
 Config = TypeVar("Config")
 
 
@@ -467,6 +503,18 @@ def _resume_or_overwrite(c: PretrainConfig) -> Optional[str]:
 def _one_kd_source(c: PretrainConfig) -> Optional[str]:
     if c.kd_teacher and c.kd_cache:
         return "--kd-teacher and --kd-cache both given; distil from one of them"
+
+
+@rule(EvalConfig, "data", "tasks")
+def _something_to_evaluate(c: EvalConfig) -> Optional[str]:
+    if not c.data and not c.tasks:
+        return "nothing to evaluate; give --data (a held-out corpus), --tasks, or both"
+
+
+@rule(EvalConfig, "data", "group_column")
+def _groups_need_data(c: EvalConfig) -> Optional[str]:
+    if c.group_column and not c.data:
+        return "--group-column splits the held-out corpus; give --data too"
 
 
 def result_settings(cfg) -> dict:

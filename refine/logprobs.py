@@ -76,6 +76,13 @@ def _head_logprobs(model, head, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return torch.cat(pieces)
 
 
+def document_windows(token_ids: list[int], start_id: int, max_length: int) -> list[list[int]]:
+    """Cut [start] + document into windows of at most `max_length` that predict each token exactly once."""
+    sequence = [start_id] + list(token_ids)
+    step = max_length - 1
+    return [sequence[s : s + max_length] for s in range(0, len(sequence) - 1, step)]
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into (input_ids, attention_mask) of shape (B, longest)."""
     longest = max(len(s) for s in sequences)

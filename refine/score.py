@@ -34,7 +34,7 @@ from refine.card import scores_card
 from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
-from refine.logprobs import length_batches, pad_batch, token_logprobs
+from refine.logprobs import document_windows, length_batches, pad_batch, token_logprobs
 from refine.output import (DATA_DIR, claim, content_tag, remove_temp_files, run_info, write_json, write_manifest,
                            write_parquet, write_text)
 
@@ -44,13 +44,6 @@ NORMALIZATIONS = ("tokens", "bytes")
 
 def validate(cfg: ScoreConfig) -> None:
     cfg.check()  # every field and cross-field check is declared in refine.config
-
-
-def document_windows(token_ids: list[int], start_id: int, max_length: int) -> list[list[int]]:
-    """Cut [start] + document into windows of at most `max_length` that predict each token exactly once."""
-    sequence = [start_id] + list(token_ids)
-    step = max_length - 1
-    return [sequence[s : s + max_length] for s in range(0, len(sequence) - 1, step)]
 
 
 def corpus_chunks(documents: list[list[int]], eos_id: int, max_length: int) -> list[list[int]]:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from refine.cli import app
-from refine.config import DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
+from refine.config import DistillCacheConfig, EvalConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
 
 runner = CliRunner()
 
@@ -31,13 +31,14 @@ def assert_user_error(result, *fragments):
 
 @pytest.mark.parametrize("command, config_class", [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig),
                                                     ("report", ReportConfig), ("push", PushConfig),
-                                                    ("distill-cache", DistillCacheConfig), ("plan", PlanConfig)])
+                                                    ("distill-cache", DistillCacheConfig), ("plan", PlanConfig),
+                                                    ("eval", EvalConfig)])
 def test_help_explains_every_option(command, config_class):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
     positional = {"score": ["data"], "sample": ["scores"], "pretrain": ["data"], "report": ["scores"],
-                  "push": ["refined", "target"], "distill-cache": ["data"], "plan": []}[command]
+                  "push": ["refined", "target"], "distill-cache": ["data"], "plan": [], "eval": ["models"]}[command]
     for field in dataclasses.fields(config_class):
         if field.name not in positional:
             assert f"--{field.name.replace('_', '-')}" in text, field.name
@@ -48,7 +49,7 @@ def test_help_explains_every_option(command, config_class):
 def test_top_level_help_lists_the_stages():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("score", "sample", "pretrain", "report", "push", "distill-cache", "plan"):
+    for command in ("score", "sample", "pretrain", "report", "push", "distill-cache", "plan", "eval"):
         assert command in result.output
 
 
@@ -204,7 +205,7 @@ def test_every_field_becomes_an_option():
 
     group = get_command(cli_app)
     for name, cls in [("score", ScoreConfig), ("sample", SampleConfig), ("pretrain", PretrainConfig), ("report", ReportConfig),
-                      ("push", PushConfig), ("distill-cache", DistillCacheConfig), ("plan", PlanConfig)]:
+                      ("push", PushConfig), ("distill-cache", DistillCacheConfig), ("plan", PlanConfig), ("eval", EvalConfig)]:
         params = {p.name for p in group.commands[name].params}
         assert params == {f.name for f in dataclasses.fields(cls)} | {"config", "verbose"}, name
 

@@ -6,11 +6,11 @@ import typing
 import pytest
 
 from refine import distill, plan, sample, score
-from refine.config import (Check, DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig,
+from refine.config import (Check, DistillCacheConfig, EvalConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig,
                            ScoreConfig, at_least, between, check_config, load_config, one_of, positive)
 from refine.errors import RefineError
 
-ALL = [ScoreConfig, SampleConfig, ReportConfig, PushConfig, PretrainConfig, DistillCacheConfig, PlanConfig]
+ALL = [ScoreConfig, SampleConfig, ReportConfig, PushConfig, PretrainConfig, DistillCacheConfig, PlanConfig, EvalConfig]
 SAMPLE = {"scores": "s", "output": "o"}
 PRETRAIN = {"data": "d", "model_config": "tiny-llama", "tokenizer": "t", "output": "o", "max_steps": "1"}
 

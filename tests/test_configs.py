@@ -6,13 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import small_tokenizer
-from refine.config import DistillCacheConfig, PretrainConfig, SampleConfig, ScoreConfig, load_config
+from refine.config import DistillCacheConfig, EvalConfig, PretrainConfig, SampleConfig, ScoreConfig, load_config
 from refine.models import list_presets, load_model_config
 from refine.pretrain import build_model, student_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CLASS_BY_COMMAND = {"score": ScoreConfig, "sample": SampleConfig, "pretrain": PretrainConfig,
-                    "distill-cache": DistillCacheConfig}
+                    "distill-cache": DistillCacheConfig, "eval": EvalConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import small_tokenizer, tiny_model
-from refine.logprobs import length_batches, pad_batch, token_logprobs
-from refine.score import corpus_chunks, document_windows
+from refine.logprobs import document_windows, length_batches, pad_batch, token_logprobs
+from refine.score import corpus_chunks
 
 
 def straightforward_logprobs(model, ids: list[int]) -> torch.Tensor:
