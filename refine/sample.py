@@ -89,7 +89,7 @@ def gumbel_noise(ids: np.ndarray, seed: int) -> np.ndarray:
     if ids.dtype.kind in "iu":
         hashed = ids.astype(np.int64).view(np.uint64)
     else:
-        hashed = pd.util.hash_array(ids.astype(str).astype(object), categorize=False)
+        hashed = pd.util.hash_array(ids if ids.dtype == object else ids.astype(object), categorize=False)
     salt = _mix64(np.array([seed], dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))[0]
     bits = _mix64(hashed ^ salt)
     uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1): 53 random bits
@@ -190,7 +190,7 @@ def balance_shares(balance: str, labels: list[str], sizes: np.ndarray) -> list[F
         raise RefineError(f"{where} gives no share to group {missing[0]!r}; give every group a share (0 to drop it)")
     if abs(sum(shares.values()) - 1) > 1e-6:
         raise RefineError(f"{where}'s shares sum to {sum(shares.values()):g}, not 1; make them sum to 1")
-    exact = [Fraction(shares[g]) for g in labels]
+    exact = [Fraction(str(shares[g])) for g in labels]  # as written: 0.7 is 7/10, not the float nearest to it
     return [s / sum(exact) for s in exact]  # sums to exactly 1, so the quotas add up to the budget
 
 
