@@ -48,7 +48,8 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     ds = None if chunks else open_scored_corpus(cfg.data or spec["source"], spec)
     if cfg.group_column and cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
-    groups = group_codes(ds, spec["id_column"], cfg.group_column, scores.column("id")) if cfg.group_column else None
+    groups = (group_codes(ds, spec["id_column"], cfg.group_column, frame["id"].to_numpy()) if cfg.group_column
+              else None)
     kept, _, selection = choose(cfg, scores, "difference", groups, balance_default=None)
     manifest = {**manifest, "selection": selection}
     frame["kept"] = False

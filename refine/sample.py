@@ -207,27 +207,31 @@ def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(len(n_tokens))
 
 
-def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Each score row's group (a code into the sorted labels; a null value is the group "None") and the labels.
 
     Only the id and group columns are read, a batch at a time; what is kept is one small integer per instance
-    and one string per distinct group.
+    (and per corpus row when ids are row indices) and one string per distinct group. The scores' ids are
+    hashed once, so each batch is matched in time proportional to its own length.
     """
     codes = np.full(len(score_ids), -1, dtype=np.int64)
     labels: dict[str, int] = {}
-    score_ids = score_ids.combine_chunks()
+    if id_column is None:  # ids are row indices
+        position_of_row = np.full(len(ds), -1, dtype=np.int64)
+        position_of_row[score_ids.astype(np.int64)] = np.arange(len(score_ids))
+    else:
+        position_of_id = pd.Index(score_ids)
     first = 0
-    for batch in corpus.iter_arrow_batches(ds.select_columns([c for c in {group_column, id_column} if c]), BATCH_ROWS):
+    for batch in corpus.iter_arrow_batches(ds.select_columns([c for c in (group_column, id_column) if c]), BATCH_ROWS):
         values = pc.fill_null(batch.column(group_column).cast(pa.string()), "None").dictionary_encode()
         local = np.array([labels.setdefault(v, len(labels)) for v in values.dictionary.to_pylist()], dtype=np.int64)
         row_codes = local[values.indices.to_numpy(zero_copy_only=False)]
-        if id_column is None:  # ids are row indices
-            where = pc.index_in(pa.array(np.arange(first, first + batch.num_rows)), value_set=score_ids.cast(pa.int64()))
+        if id_column is None:
+            positions = position_of_row[first : first + batch.num_rows]
         else:
-            ids = batch.column(id_column)
-            where = pc.index_in(ids, value_set=score_ids.cast(ids.type) if score_ids.type != ids.type else score_ids)
-        found = where.is_valid().to_numpy(zero_copy_only=False)
-        codes[where.filter(where.is_valid()).to_numpy()] = row_codes[found]
+            positions = position_of_id.get_indexer(batch.column(id_column).to_numpy(zero_copy_only=False))
+        scored = positions >= 0  # blank documents were not scored
+        codes[positions[scored]] = row_codes[scored]
         first += batch.num_rows
     if (codes < 0).any():
         raise RefineError(f"{int((codes < 0).sum())} scored instances are missing from the corpus; give the corpus the "
@@ -302,7 +306,8 @@ def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str) -> tup
     if cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: "
                           f"{', '.join(ds.column_names)}")
-    return group_codes(ds, score_manifest["data"]["id_column"], cfg.group_column, scores.column("id"))
+    return group_codes(ds, score_manifest["data"]["id_column"], cfg.group_column,
+                       scores.column("id").to_numpy(zero_copy_only=False))
 
 
 def choose(cfg, scores: pa.Table, method: str, groups: Optional[tuple[np.ndarray, list[str]]],
