@@ -88,7 +88,7 @@ def budget_text(manifest: dict) -> str:
 def selection_lines(manifest: dict) -> list[str]:
     """What a sample kept and how, one phrase per setting: the budget, the temperature's draw, the balance."""
     if manifest.get("token_budget") is not None:
-        fraction = f" ({manifest['token_fraction']:.0%} of the corpus's tokens)" if manifest.get("token_fraction") else ""
+        fraction = f" ({100 * manifest['token_fraction']:.4g}% of the corpus's tokens)" if manifest.get("token_fraction") else ""
         lines = [f"the best-ranked instances holding at least {manifest['token_budget']:,} tokens{fraction}"]
     else:
         lines = [f"the top {manifest['alpha']:.0%} of instances (α = {manifest['alpha']})"]

@@ -1,4 +1,9 @@
-"""`refine sample`: keep the top-alpha fraction of instances by score, in original corpus order."""
+"""`refine sample`: keep the best-ranked instances by score, in original corpus order.
+
+The pure core is `select`: rank by the method's key (perturbed by seeded Gumbel noise above temperature 0),
+ties by id, and keep the prefix that meets the budget (ceil(alpha*N) instances, or a number of tokens),
+within each group when the budget is balanced over a corpus column.
+"""
 
 from __future__ import annotations
 
@@ -173,6 +178,8 @@ def balance_shares(balance: str, labels: list[str], sizes: np.ndarray) -> list[F
         given = yaml.safe_load(Path(balance).read_text(encoding="utf-8"))
     except OSError as e:
         raise RefineError(f"cannot read {where} ({e.strerror}); give a YAML file of group: share") from None
+    except UnicodeDecodeError:
+        raise RefineError(f"{where} is not UTF-8 text; give a YAML file of group: share") from None
     except yaml.YAMLError as e:
         raise RefineError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); write one group: share per line") from None
     if not isinstance(given, dict):
@@ -271,8 +278,8 @@ def sample(cfg: SampleConfig) -> dict:
     source = cfg.data or data_spec["source"]
     chunks = score_manifest["settings"]["unit"] == "chunk"
     groups = read_groups(cfg, scores, score_manifest, source) if cfg.group_column else None
+    kept, keys, selection = choose(cfg, scores, cfg.method, groups)  # numbers only: a bad budget stops before any output
     with claim(cfg.output, "sample", [cfg.scores, source], cfg.overwrite, staged=True) as claimed:
-        kept, keys, selection = choose(cfg, scores, cfg.method, groups)
         kept_scores = scores.take(kept)
         if chunks:
             if cfg.data is not None:

@@ -322,6 +322,7 @@ def test_proportional_alpha_keeps_the_same_fraction_of_every_group(tiny_run, tmp
     (["--group-column", "nope"], "corpus has no column 'nope'; pass --group-column with one of: text, domain"),
     (["--group-column", "domain", "--balance", "missing.yaml"], "cannot read balance file 'missing.yaml'"),
     (["--temperature", "-1"], "--temperature -1.0 must be at least 0"),
+    (["--tokens", "100000"], "--tokens 100000 is more than the"),
 ])
 def test_bad_selection_options_are_one_line_errors(tiny_run, tmp_path, flags, fragment):
     from typer.testing import CliRunner
