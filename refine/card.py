@@ -76,6 +76,39 @@ def scores_card(manifest: dict, data_pattern: str) -> str:
     )
 
 
+def budget_text(manifest: dict) -> str:
+    """The budget a sample kept, short: `alpha=0.5`, `tokens=12000` or `token-fraction=0.3`, as the flags spell it."""
+    if manifest.get("token_fraction") is not None:
+        return f"token-fraction={manifest['token_fraction']}"
+    if manifest.get("token_budget") is not None:
+        return f"tokens={manifest['token_budget']}"
+    return f"alpha={manifest['alpha']}"
+
+
+def selection_lines(manifest: dict) -> list[str]:
+    """What a sample kept and how, one phrase per setting: the budget, the temperature's draw, the balance."""
+    if manifest.get("token_budget") is not None:
+        fraction = f" ({100 * manifest['token_fraction']:.4g}% of the corpus's tokens)" if manifest.get("token_fraction") else ""
+        lines = [f"the best-ranked instances holding at least {manifest['token_budget']:,} tokens{fraction}"]
+    else:
+        lines = [f"the top {manifest['alpha']:.0%} of instances (α = {manifest['alpha']})"]
+    if manifest.get("temperature"):
+        lines.append(f"drawn without replacement with probability ∝ exp(key / {manifest['temperature']}) "
+                     f"(Gumbel top-k, seed {manifest['seed']})")
+    if manifest.get("balance"):
+        shares = {"proportional": "each group's share of the corpus", "equal": "equal shares"}.get(
+            manifest["balance"], f"the shares of `{public_name(manifest['balance'])}`")
+        lines.append(f"within each group of `{manifest['group_column']}`, by {shares}")
+    return lines
+
+
+def _group_rows(groups: dict, limit: int = 50) -> str:
+    rows = [f"| `{label}` | {g['share']:.1%} | {g['instances_before']:,} → {g['instances_after']:,} | "
+            f"{g['tokens_before']:,} → {g['tokens_after']:,} |\n" for label, g in list(groups.items())[:limit]]
+    more = f"\n{len(groups) - limit:,} more groups are listed in `manifest.json`.\n" if len(groups) > limit else ""
+    return ("\n| group | budget share | instances | tokens |\n|---|---|---|---|\n" + "".join(rows) + more)
+
+
 def refined_card(manifest: dict, data_pattern: str) -> str:
     """The card of a refined corpus: what it is, how to load it, and exactly how it was made."""
     scores = manifest["scores"]
@@ -85,11 +118,13 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
               "random": "uniform random selection (baseline)",
               "teacher": "lowest teacher NLL per token (perplexity filtering baseline)",
               "reference": "lowest reference NLL per token (baseline)"}[manifest["method"]]
-    threshold = f"{manifest['threshold']:.4f}" if manifest["threshold"] is not None else "– (random)"
+    threshold = f"{manifest['threshold']:.4f}" if manifest["threshold"] is not None else "– (no single cut)"
+    selection = selection_lines(manifest)
     return (
         front_matter(data_pattern, manifest["instances_after"], data.get("license"), data["source"])
-        + f"\n# `{public_name(data['source'])}` refined by {manifest['method']} sampling, α = {manifest['alpha']}\n\n"
-        + f"The top {manifest['alpha']:.0%} of `{public_name(data['source'])}` ({scores['settings']['unit']}s) selected by {method}, "
+        + f"\n# `{public_name(data['source'])}` refined by {manifest['method']} sampling, {budget_text(manifest)}\n\n"
+        + f"{selection[0][0].upper() + selection[0][1:]} of `{public_name(data['source'])}` ({scores['settings']['unit']}s) "
+        + f"selected by {method}{''.join(', ' + line for line in selection[1:])}, "
         + "made with refine. Original columns are kept, in corpus order, with `id` and the "
         + "score columns `n_tokens, teacher_logprob, ref_logprob, score` beside them.\n\n"
         + "```python\nimport datasets\nds = datasets.load_dataset(\"THIS_REPO_OR_FOLDER\", split=\"train\")\n```\n\n"
@@ -99,7 +134,8 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
         + f"fingerprint `{data['fingerprint'][:24]}…`) |\n"
         + f"| teacher | {_model_line(scores['teacher'])} |\n"
         + f"| reference | {_model_line(scores['reference'])} |\n"
-        + f"| method | {method}; α = {manifest['alpha']}" + (f", seed {manifest['seed']}" if manifest["seed"] is not None else "") + " |\n"
+        + f"| method | {method}; {'; '.join(selection)}"
+        + (f", seed {manifest['seed']}" if manifest["seed"] is not None and not manifest.get("temperature") else "") + " |\n"
         + f"| instances | {manifest['instances_before']:,} → {manifest['instances_after']:,} |\n"
         + f"| tokens | {manifest['tokens_before']:,} → {manifest['tokens_after']:,} |\n"
         + f"| score threshold | {threshold} |\n"
@@ -108,6 +144,7 @@ def refined_card(manifest: dict, data_pattern: str) -> str:
         + f"mean {stats['mean']:.3f} ± {stats['std']:.3f} |\n"
         + f"| scoring | unit `{scores['settings']['unit']}`, max length {scores['settings']['max_length']} tokens, "
         + f"{scores['n_tokens']:,} tokens scored; BOS as unscored context, no EOS |\n"
-        + f"| refine | {manifest['refine_version']}, {manifest['created']} |\n\n"
-        + f"Commands:\n\n```\n{public_command(scores['command'])}\n{public_command(manifest['command'])}\n```\n"
+        + f"| refine | {manifest['refine_version']}, {manifest['created']} |\n"
+        + (_group_rows(manifest["groups"]) if manifest.get("groups") else "")
+        + f"\nCommands:\n\n```\n{public_command(scores['command'])}\n{public_command(manifest['command'])}\n```\n"
     )

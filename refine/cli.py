@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from refine import __version__
+from refine.card import budget_text
 from refine.config import (DistillCacheConfig, EvalConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig,
                            flag, load_config)
 from refine.errors import RefineError
@@ -228,7 +229,8 @@ def score_command(cfg: ScoreConfig) -> None:
 
 @config_command("sample", SampleConfig, positional=("scores",))
 def sample_command(cfg: SampleConfig) -> None:
-    """Keep the top-alpha fraction of scored instances; write them as a dataset `datasets.load_dataset` opens."""
+    """Keep the best-ranked scored instances (a fraction, or a token budget, optionally sampled and balanced over
+    groups); write them as a dataset `datasets.load_dataset` opens."""
     from refine.push import check_target, push
     from refine.sample import sample
 
@@ -236,10 +238,12 @@ def sample_command(cfg: SampleConfig) -> None:
         _stage(lambda: check_target(cfg.push_to_hub))  # a bad repo id stops before any work, not after it
     m = _stage(lambda: sample(cfg))
     threshold = f"; score threshold {m['threshold']:.4f}" if m["threshold"] is not None else ""
+    drawn = f" temperature={m['temperature']} seed={m['seed']}" if m.get("temperature") else ""
+    drawn += f" balanced {m['balance']} over {m['group_column']}" if m.get("balance") else ""
     stats = m["score_stats"]
     typer.echo(
         f"kept {m['instances_after']} of {m['instances_before']} instances "
-        f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} alpha={m['alpha']}{threshold}\n"
+        f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} {budget_text(m)}{drawn}{threshold}\n"
         f"scores: mean {stats['mean']:.3f}, quantiles 10% {stats['q10']:.3f} | 50% {stats['q50']:.3f} | 90% {stats['q90']:.3f}"
     )
     if cfg.push_to_hub:

@@ -196,11 +196,36 @@ class ScoreConfig(CorpusArgs):
 
 
 @dataclass
-class SampleConfig(Checked):
+class SelectionArgs(Checked):
+    """Which instances a selection keeps; shared by `sample` (which keeps them) and `report` (which shows them)."""
+
+    alpha: Optional[float] = option(
+        None, "Fraction of instances to keep, in (0, 1]; exactly ceil(alpha*N) are kept. Default 0.5 when neither "
+        "--tokens nor --token-fraction is given.", check=between(0, 1, low_open=True, fix="give the fraction to keep, e.g. 0.5"))
+    tokens: Optional[int] = option(
+        None, "Tokens to keep instead of --alpha (the scores' n_tokens, i.e. teacher tokens): the shortest prefix of the "
+        "ranking that holds at least this many.", check=at_least(1, "give the number of tokens to keep"))
+    token_fraction: Optional[float] = option(
+        None, "Fraction of the corpus's tokens to keep instead of --alpha, in (0, 1]: --tokens ceil(F * all tokens).",
+        check=between(0, 1, low_open=True, fix="give the fraction of tokens to keep, e.g. 0.5"))
+    temperature: float = option(
+        0.0, "0: keep the best-ranked instances. Above 0: sample them without replacement with probability "
+        "proportional to exp(key / temperature) (Gumbel top-k; key in the method's units, e.g. nats per token), "
+        "seeded by --seed and each instance's id.", check=at_least(0, "give 0 for the top instances or a positive temperature"))
+    seed: int = option(0, "Seed of the `random` method and of --temperature's draw.", check=SEED)
+    group_column: Optional[str] = option(
+        None, "Corpus column whose values group the documents (e.g. domain, source). `sample` selects within each group "
+        "(see --balance); `report` breaks its figures down by it.")
+    balance: Optional[str] = option(
+        None, "With --group-column, how the budget is split among groups: `proportional` (each group keeps its share of "
+        "the corpus, in instances for --alpha, in tokens for a token budget), `equal`, or a YAML file {group: share}. "
+        "Default: proportional in `sample`; in `report`, none (the unbalanced selection, broken down by group).")
+
+
+@dataclass
+class SampleConfig(SelectionArgs):
     scores: Optional[str] = required("Scores directory written by `refine score`.")
     output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).", result=False)
-    alpha: float = option(0.5, "Fraction of instances to keep, in (0, 1]; exactly ceil(alpha*N) are kept.",
-                          check=between(0, 1, low_open=True, fix="give the fraction to keep, e.g. 0.5"))
     method: str = option(
         "difference",
         "Selection rule. `difference`: highest log p_teacher - log p_ref per token (MiniPLM). "
@@ -208,7 +233,6 @@ class SampleConfig(Checked):
         "`reference`: lowest reference NLL per token.",
         check=one_of("difference", "random", "teacher", "reference"),
     )
-    seed: int = option(0, "Seed of the `random` method.", check=SEED)
     data: Optional[str] = option(
         None, "Corpus the scores were made from; default: the source recorded in the scores' manifest."
     )
@@ -220,14 +244,11 @@ class SampleConfig(Checked):
 
 
 @dataclass
-class ReportConfig(Checked):
+class ReportConfig(SelectionArgs):
     scores: Optional[str] = required("Scores directory written by `refine score`.")
     output: str = option("report.html", "HTML file to write (self-contained: figures are embedded).", result=False,
                          check=Check(suffixes=(".html", ".htm"), fix="name an .html file"))
     data: Optional[str] = option(None, "Corpus the scores were made from; default: the source recorded in the scores' manifest.")
-    alpha: float = option(0.5, "Fraction kept by difference sampling, in (0, 1], to mark on the figures.",
-                          check=between(0, 1, low_open=True, fix="give the fraction to keep, e.g. 0.5"))
-    group_column: Optional[str] = option(None, "Corpus column to break the selection down by (e.g. domain, source).")
     n_examples: int = option(5, "Examples shown at the top, bottom and boundary of the ranking.", check=at_least(1))
     excerpt_chars: int = option(400, "Characters of each example's text shown.", check=at_least(1))
 
@@ -483,6 +504,21 @@ def _slurm_needs_partition(c: ScoreConfig) -> Optional[str]:
 def _one_launcher(c: ScoreConfig) -> Optional[str]:
     if c.nproc > 1 and (c.executor != "local" or c.tasks > 1):
         return "--nproc (torchrun) and --tasks/--executor both split the work; choose one"
+
+
+@rule(SelectionArgs, "alpha", "tokens", "token_fraction")
+def _one_selection_budget(c: SelectionArgs) -> Optional[str]:
+    given = [flag(name) for name in ("alpha", "tokens", "token_fraction") if getattr(c, name) is not None]
+    if len(given) > 1:
+        return f"both {given[0]} and {given[1]} given; choose one budget"
+
+
+@rule(SelectionArgs, "balance", "group_column")
+def _balance_needs_groups(c: SelectionArgs) -> Optional[str]:
+    if c.balance is not None and c.group_column is None:
+        return "--balance needs --group-column; name the corpus column that holds the groups"
+    if c.balance not in (None, "proportional", "equal") and not c.balance.lower().endswith((".yaml", ".yml")):
+        return f"--balance {c.balance!r} is not proportional, equal or a .yaml file; choose one"
 
 
 @rule(PretrainConfig, "max_steps", "max_tokens")

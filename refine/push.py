@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from refine.card import budget_text
 from refine.config import PushConfig
 from refine.errors import RefineError
 from refine.output import MANIFEST, claim, verify, write_fault
@@ -84,7 +85,7 @@ def _push_hub(folder: Path, files: list[Path], cfg: PushConfig) -> dict:
 
     repo_id = hub_repo_id(cfg.target)
     manifest = verify(folder, "sample", check_hashes=False)  # hashes were checked by refined_files
-    message = cfg.commit_message or f"refine: {manifest['method']} sampling, alpha={manifest['alpha']}"
+    message = cfg.commit_message or f"refine: {manifest['method']} sampling, {budget_text(manifest)}"
     # token=None lets huggingface_hub find HF_TOKEN or the login cache itself; it is never echoed.
     api = HfApi(token=cfg.token)
     try:

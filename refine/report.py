@@ -7,7 +7,7 @@ import html
 import io
 from pathlib import Path
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from refine.config import ReportConfig
 from refine.errors import RefineError
 from refine.output import claim_file, parquet_files, write_text
-from refine.sample import open_scored_corpus, read_scores, select_top_fraction, selection_keys
+from refine.card import budget_text, selection_lines
+from refine.sample import choose, group_codes, open_scored_corpus, read_scores
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -33,43 +34,39 @@ SCATTER_POINTS = 20_000  # points drawn in the scatter plot: a seeded sample bey
 
 
 def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.ndarray], list[str]]]:
-    """Numbers only, one row per instance: per-token NLLs, the kept flag at alpha, the group; and a function
+    """Numbers only, one row per instance: per-token NLLs, the kept flag of the selection, the group; and a function
     that reads the text of a few rows of the frame (only the examples' text is ever read)."""
     scores, manifest = read_scores(Path(cfg.scores))
     frame = scores.select(["id", "n_tokens", "teacher_logprob", "ref_logprob", "score"]).to_pandas()
     ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else frame["n_tokens"]
     frame["teacher_nll"] = -frame["teacher_logprob"] / frame["n_tokens"]
     frame["ref_nll"] = -frame["ref_logprob"] / ref_tokens
-    kept = select_top_fraction(selection_keys(scores, "difference", 0), frame["id"].to_numpy(), cfg.alpha)
-    frame["kept"] = False
-    frame.loc[kept, "kept"] = True
     spec = manifest["data"]
-    if manifest["settings"]["unit"] == "chunk":
-        if cfg.group_column:
-            raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-        paths = parquet_files(Path(cfg.scores), manifest)
-        return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
-    ds = open_scored_corpus(cfg.data or spec["source"], spec)
+    chunks = manifest["settings"]["unit"] == "chunk"
+    if cfg.group_column and chunks:
+        raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
+    ds = None if chunks else open_scored_corpus(cfg.data or spec["source"], spec)
     if cfg.group_column and cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
-    columns = ds.with_format("arrow")  # column reads touch only that column's pages of the memory-mapped corpus
+    groups = (group_codes(ds, spec["id_column"], cfg.group_column, frame["id"].to_numpy()) if cfg.group_column
+              else None)
+    kept, _, selection = choose(cfg, scores, "difference", groups, balance_default=None)
+    manifest = {**manifest, "selection": selection}
+    frame["kept"] = False
+    frame.loc[kept, "kept"] = True
+    if groups is not None:
+        codes, labels = groups
+        frame["group"] = pd.Categorical.from_codes(codes, categories=labels)
+    if chunks:
+        paths = parquet_files(Path(cfg.scores), manifest)
+        return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
     if spec["id_column"] is None:
         rows = scores.column("id").combine_chunks()
     else:
-        corpus_ids = columns[spec["id_column"]]
+        corpus_ids = ds.with_format("arrow")[spec["id_column"]]  # only this column's pages of the memory-mapped corpus
         rows = pc.index_in(scores.column("id").combine_chunks().cast(corpus_ids.type), value_set=corpus_ids)
-    if cfg.group_column:
-        frame["group"] = categories(columns[cfg.group_column].take(rows))
     row_of = rows.to_numpy(zero_copy_only=False)
     return frame, manifest, lambda positions: document_texts(ds, spec["text_column"], row_of[positions])
-
-
-def categories(values: pa.ChunkedArray) -> pd.Categorical:
-    """Group labels as a categorical (one small integer per instance, not one Python string)."""
-    labels = pc.fill_null(values.cast(pa.string()), "None")
-    encoded = pc.dictionary_encode(labels).combine_chunks()
-    return pd.Categorical.from_codes(encoded.indices.to_numpy(zero_copy_only=False),
-                                     categories=encoded.dictionary.to_pylist())
 
 
 def document_texts(ds, text_column: str, rows: np.ndarray) -> list[str]:
@@ -99,20 +96,22 @@ def _png(figure) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def distribution_figure(frame: pd.DataFrame, threshold: float) -> str:
+def distribution_figure(frame: pd.DataFrame, threshold: Optional[float]) -> str:
     import matplotlib.pyplot as plt
 
     scores = frame["score"].to_numpy()
     figure, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 3.6))
     counts, edges = np.histogram(scores, bins=min(60, max(10, len(frame) // 5)))
     hist.stairs(counts, edges, fill=True, color="#4c72b0")
-    hist.axvline(threshold, color="#c44e52", linestyle="--", label=f"cut {threshold:.3f}")
+    if threshold is not None:
+        hist.axvline(threshold, color="#c44e52", linestyle="--", label=f"cut {threshold:.3f}")
+        hist.legend()
     hist.set_xlabel("score = log p_teacher − log p_ref per token (nats)")
     hist.set_ylabel("instances")
-    hist.legend()
     fractions = np.linspace(0, 1, min(len(scores), 2001))  # the curve at 2,001 quantiles looks the same as at every point
     cdf.plot(np.quantile(scores, fractions), fractions, color="#4c72b0")
-    cdf.axvline(threshold, color="#c44e52", linestyle="--")
+    if threshold is not None:
+        cdf.axvline(threshold, color="#c44e52", linestyle="--")
     cdf.set_xlabel("score")
     cdf.set_ylabel("fraction of instances ≤ score")
     return _png(figure)
@@ -215,25 +214,29 @@ def _example_table(part: pd.DataFrame) -> str:
 
 def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -> str:
     kept = frame[frame["kept"]]
-    threshold = float(kept["score"].min())
+    selection = manifest["selection"]
+    sharp = not selection["temperature"] and not selection["balance"]  # else no single score separates kept from dropped
+    threshold = float(kept["score"].min()) if sharp and len(kept) else None
     quantiles = frame["score"].quantile([0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     tokens_before, tokens_after = int(frame["n_tokens"].sum()), int(kept["n_tokens"].sum())
     summary = [
         ("corpus", html.escape(str(manifest["data"]["source"]))),
         ("teacher", html.escape(str(manifest["teacher"]["id"]))),
         ("reference", html.escape(str(manifest["reference"]["id"]))),
-        ("alpha", f"{cfg.alpha}"),
+        ("selection", html.escape("; ".join(selection_lines(selection)))),
         ("instances", f"{len(frame):,} → {len(kept):,}"),
         ("tokens", f"{tokens_before:,} → {tokens_after:,}"),
         ("kept share", f"{len(kept) / len(frame):.1%} of instances, {tokens_after / max(tokens_before, 1):.1%} of tokens"),
-        ("score threshold", f"{threshold:.4f}"),
+        ("score threshold", f"{threshold:.4f}" if threshold is not None else "– (no single cut)"),
         ("score quantiles", " · ".join(f"{int(q * 100)}%: {v:.3f}" for q, v in quantiles.items())),
         ("mean teacher / reference NLL per token", f"{frame['teacher_nll'].mean():.3f} / {frame['ref_nll'].mean():.3f}"),
     ]
     sections = [
         '<section id="summary"><h2>Summary</h2><table>'
         + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table></section>",
-        '<section id="distribution"><h2>Score distribution</h2><p>Instances right of the dashed line are kept.</p>'
+        '<section id="distribution"><h2>Score distribution</h2><p>'
+        + ("Instances right of the dashed line are kept." if threshold is not None else "The selection is drawn or "
+           "balanced, so no single score separates kept from dropped instances.") + "</p>"
         + distribution_figure(frame, threshold) + "</section>",
         '<section id="scatter"><h2>Teacher vs reference NLL</h2><p>Above the diagonal the teacher finds the text easier '
         "than the reference: hard, valuable text the small model has not learned. Both low: easy, common text. "
@@ -262,7 +265,7 @@ def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;"
              "vertical-align:top}pre{white-space:pre-wrap;margin:0;max-width:650px;font-size:12px}img{max-width:100%}")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR}<title>refine report</title><style>{style}</style></head>"
-            f"<body><h1>What difference sampling keeps (α = {cfg.alpha})</h1>{''.join(sections)}"
+            f"<body><h1>What difference sampling keeps ({html.escape(budget_text(selection))})</h1>{''.join(sections)}"
             f"<p><small>refine {manifest['refine_version']} · scores from {html.escape(manifest['created'])}</small></p>"
             "</body></html>")
 

@@ -1,18 +1,26 @@
-"""`refine sample`: keep the top-alpha fraction of instances by score, in original corpus order."""
+"""`refine sample`: keep the best-ranked instances by score, in original corpus order.
+
+The pure core is `select`: rank by the method's key (perturbed by seeded Gumbel noise above temperature 0),
+ties by id, and keep the prefix that meets the budget (ceil(alpha*N) instances, or a number of tokens),
+within each group when the budget is balanced over a corpus column.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
 from refine import data as corpus
 from refine.card import refined_card
@@ -35,11 +43,162 @@ def n_kept(n: int, alpha: float) -> int:
 
 def select_top_fraction(keys: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
     """Indices of the ceil(alpha*N) largest keys, ties broken by smaller id; returned in ascending order."""
+    return np.sort(ranking(keys, ids)[: n_kept(len(keys), alpha)])
+
+
+def ranking(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions from best to worst: largest key first, ties broken by the smaller id."""
     keys = np.asarray(keys, dtype=np.float64)
     if np.isnan(keys).any():
         raise RefineError("scores contain NaN; rescore with --dtype float32")
-    order = np.lexsort((np.asarray(ids), -keys))  # last key is primary: largest key first, then smallest id
-    return np.sort(order[: n_kept(len(keys), alpha)])
+    return np.lexsort((np.asarray(ids), -keys))  # last key is primary
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much a selection keeps: `count` instances, or instances holding at least `count` tokens."""
+
+    unit: str  # "instances" or "tokens"
+    count: int
+
+
+def budget_of(cfg, n_tokens: np.ndarray) -> Budget:
+    """The budget --alpha, --tokens or --token-fraction asks for (alpha 0.5 when none is given), as an exact count."""
+    total = int(n_tokens.sum())
+    if cfg.tokens is not None:
+        if cfg.tokens > total:
+            raise RefineError(f"--tokens {cfg.tokens} is more than the {total} tokens scored; give at most {total}, "
+                              "or --token-fraction 1 to keep everything")
+        return Budget("tokens", cfg.tokens)
+    if cfg.token_fraction is not None:
+        return Budget("tokens", math.ceil(Fraction(str(cfg.token_fraction)) * total))
+    return Budget("instances", n_kept(len(n_tokens), 0.5 if cfg.alpha is None else cfg.alpha))
+
+
+def take_budget(order: np.ndarray, n_tokens: np.ndarray, unit: str, count: int) -> np.ndarray:
+    """The first `count` positions of `order`; for a token budget, its shortest prefix holding >= `count` tokens
+    (all of it if it holds fewer): like ceil(alpha*N), the budget is met and overshot by less than one instance."""
+    if unit == "instances":
+        return order[:count]
+    if count <= 0:
+        return order[:0]
+    reached = np.cumsum(n_tokens[order], dtype=np.int64) >= count
+    return order[: int(np.argmax(reached)) + 1] if reached.any() else order
+
+
+def gumbel_noise(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Standard Gumbel noise that is a function of (seed, id) alone, so a draw does not depend on row order,
+    sharding or which other instances are present. Integer ids are mixed as they are, string ids through
+    pandas' SipHash of their UTF-8 bytes; splitmix64's finalizer spreads each (seed, id) over 64 bits."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        hashed = ids.astype(np.int64).view(np.uint64)
+    else:
+        hashed = pd.util.hash_array(ids if ids.dtype == object else ids.astype(object), categorize=False)
+    salt = _mix64(np.array([seed], dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))[0]
+    bits = _mix64(hashed ^ salt)
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1): 53 random bits
+    return -np.log(-np.log(uniform))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 in which every output bit depends on every input bit."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sampling_keys(keys: np.ndarray, ids: np.ndarray, temperature: float, seed: int) -> np.ndarray:
+    """The keys a selection ranks by. At temperature 0 the keys themselves. Above it, key / temperature plus
+    Gumbel noise: the order of these is a draw without replacement with probability proportional to
+    exp(key / temperature) (the Gumbel top-k trick), so any prefix of it is such a sample."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if temperature == 0:
+        return keys
+    return keys / temperature + gumbel_noise(ids, seed)
+
+
+def apportion(total: int, shares: list[Fraction], capacities: list[int]) -> list[int]:
+    """Integer quotas summing to `total` (or to every capacity, if they hold less), in proportion to `shares`.
+
+    Largest remainders: each group gets floor(total * share), and the units left go one each to the largest
+    fractional parts, ties to the earlier group. A group whose quota exceeds its capacity keeps all it has and
+    the rest is re-apportioned among the others by their shares, until every quota fits; a group with share 0
+    gets nothing. Exact (fractions), so the same inputs always give the same quotas.
+    """
+    quotas, active, left = [0] * len(shares), [g for g, s in enumerate(shares) if s > 0], total
+    while active and left > 0:
+        weight = sum(shares[g] for g in active)
+        exact = {g: left * shares[g] / weight for g in active}
+        base = {g: math.floor(exact[g]) for g in active}
+        extra = sorted(active, key=lambda g: (-(exact[g] - base[g]), g))[: left - sum(base.values())]
+        for g in extra:
+            base[g] += 1
+        full = [g for g in active if base[g] > capacities[g]]
+        if not full:
+            for g in active:
+                quotas[g] = base[g]
+            break
+        for g in full:
+            quotas[g] = capacities[g]
+            left -= capacities[g]
+            active.remove(g)
+    return quotas
+
+
+def select(keys: np.ndarray, ids: np.ndarray, n_tokens: np.ndarray, budget: Budget, temperature: float = 0.0,
+           seed: int = 0, groups: Optional[np.ndarray] = None, shares: Optional[list[Fraction]] = None) -> np.ndarray:
+    """Positions of the kept instances, ascending: the best-ranked (or, above temperature 0, sampled) instances
+    until `budget` is met; with `groups` (one code 0..G-1 per instance), the budget is first apportioned
+    among the groups by `shares` (see `apportion`) and met inside each group."""
+    order = ranking(sampling_keys(keys, ids, temperature, seed), ids)
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    if groups is None:
+        return np.sort(take_budget(order, n_tokens, budget.unit, budget.count))
+    sizes = np.bincount(groups, weights=n_tokens if budget.unit == "tokens" else None, minlength=len(shares))
+    quotas = apportion(budget.count, shares, [int(round(v)) for v in sizes])
+    by_group = order[np.argsort(groups[order], kind="stable")]  # each group's ranking, groups one after another
+    starts = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=len(shares)))])
+    kept = [take_budget(by_group[starts[g]:starts[g + 1]], n_tokens, budget.unit, quotas[g]) for g in range(len(shares))]
+    return np.sort(np.concatenate(kept)) if kept else order[:0]
+
+
+def balance_shares(balance: str, labels: list[str], sizes: np.ndarray) -> list[Fraction]:
+    """Each group's share of the budget: `proportional` to `sizes` (instances or tokens), `equal`, or read from a
+    YAML file {group: share} (shares >= 0 summing to 1; every group named, no other)."""
+    if balance == "proportional":
+        return [Fraction(int(v), int(sizes.sum())) for v in sizes]
+    if balance == "equal":
+        return [Fraction(1, len(labels))] * len(labels)
+    where = f"balance file {balance!r}"
+    try:
+        given = yaml.safe_load(Path(balance).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RefineError(f"cannot read {where} ({e.strerror}); give a YAML file of group: share") from None
+    except UnicodeDecodeError:
+        raise RefineError(f"{where} is not UTF-8 text; give a YAML file of group: share") from None
+    except yaml.YAMLError as e:
+        raise RefineError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); write one group: share per line") from None
+    if not isinstance(given, dict):
+        raise RefineError(f"{where} is not a mapping; write one group: share per line")
+    shares = {str(k): v for k, v in given.items()}
+    bad = next((k for k, v in shares.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                or math.isinf(v)), None)
+    if bad is not None:
+        raise RefineError(f"{where} gives group {bad!r} the share {shares[bad]!r}; give a number >= 0")
+    unknown = sorted(set(shares) - set(labels))
+    if unknown:
+        raise RefineError(f"{where} names group {unknown[0]!r}, which the corpus lacks; use the groups: {', '.join(labels)}")
+    missing = [g for g in labels if g not in shares]
+    if missing:
+        raise RefineError(f"{where} gives no share to group {missing[0]!r}; give every group a share (0 to drop it)")
+    if abs(sum(shares.values()) - 1) > 1e-6:
+        raise RefineError(f"{where}'s shares sum to {sum(shares.values()):g}, not 1; make them sum to 1")
+    exact = [Fraction(str(shares[g])) for g in labels]  # as written: 0.7 is 7/10, not the float nearest to it
+    return [s / sum(exact) for s in exact]  # sums to exactly 1, so the quotas add up to the budget
 
 
 def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
@@ -53,6 +212,41 @@ def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
         ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else n_tokens
         return scores.column("ref_logprob").to_numpy() / ref_tokens
     return np.random.default_rng(seed).random(len(n_tokens))
+
+
+def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Each score row's group (a code into the sorted labels; a null value is the group "None") and the labels.
+
+    Only the id and group columns are read, a batch at a time; what is kept is one small integer per instance
+    (and per corpus row when ids are row indices) and one string per distinct group. The scores' ids are
+    hashed once, so each batch is matched in time proportional to its own length.
+    """
+    codes = np.full(len(score_ids), -1, dtype=np.int64)
+    labels: dict[str, int] = {}
+    if id_column is None:  # ids are row indices
+        position_of_row = np.full(len(ds), -1, dtype=np.int64)
+        position_of_row[score_ids.astype(np.int64)] = np.arange(len(score_ids))
+    else:
+        position_of_id = pd.Index(score_ids)
+    first = 0
+    for batch in corpus.iter_arrow_batches(ds.select_columns([c for c in (group_column, id_column) if c]), BATCH_ROWS):
+        values = pc.fill_null(batch.column(group_column).cast(pa.string()), "None").dictionary_encode()
+        local = np.array([labels.setdefault(v, len(labels)) for v in values.dictionary.to_pylist()], dtype=np.int64)
+        row_codes = local[values.indices.to_numpy(zero_copy_only=False)]
+        if id_column is None:
+            positions = position_of_row[first : first + batch.num_rows]
+        else:
+            positions = position_of_id.get_indexer(batch.column(id_column).to_numpy(zero_copy_only=False))
+        scored = positions >= 0  # blank documents were not scored
+        codes[positions[scored]] = row_codes[scored]
+        first += batch.num_rows
+    if (codes < 0).any():
+        raise RefineError(f"{int((codes < 0).sum())} scored instances are missing from the corpus; give the corpus the "
+                          "scores were made from, or rescore")
+    names = sorted(labels)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[[labels[n] for n in names]] = np.arange(len(names))
+    return rank[codes], names
 
 
 # What selection reads of the scores: numbers only, never the chunk text or token ids (those are streamed when written).
@@ -82,25 +276,25 @@ def sample(cfg: SampleConfig) -> dict:
     scores, score_manifest = read_scores(scores_dir)
     data_spec = score_manifest["data"]
     source = cfg.data or data_spec["source"]
+    chunks = score_manifest["settings"]["unit"] == "chunk"
+    groups = read_groups(cfg, scores, score_manifest, source) if cfg.group_column else None
+    kept, keys, selection = choose(cfg, scores, cfg.method, groups)  # numbers only: a bad budget stops before any output
     with claim(cfg.output, "sample", [cfg.scores, source], cfg.overwrite, staged=True) as claimed:
-        keys = selection_keys(scores, cfg.method, cfg.seed)
-        kept = select_top_fraction(keys, scores.column("id").to_numpy(zero_copy_only=False), cfg.alpha)
         kept_scores = scores.take(kept)
-        if score_manifest["settings"]["unit"] == "chunk":
+        if chunks:
             if cfg.data is not None:
                 open_scored_corpus(cfg.data, data_spec)
             batches = kept_chunks(parquet_files(scores_dir, score_manifest), kept)
         else:
             batches = kept_documents(open_scored_corpus(source, data_spec), data_spec["id_column"], kept_scores)
 
-        threshold = float(np.min(keys[kept])) if len(kept) else None
+        sharp = cfg.method != "random" and cfg.temperature == 0 and groups is None  # one score cut separates kept from dropped
         manifest = {
             "stage": "sample",
             **run_info(),
             "method": cfg.method,
-            "alpha": cfg.alpha,
-            "seed": cfg.seed if cfg.method == "random" else None,
-            "threshold": threshold if cfg.method != "random" else None,
+            **selection,
+            "threshold": float(np.min(keys[kept])) if sharp and len(kept) else None,
             "instances_before": scores.num_rows,
             "instances_after": kept_scores.num_rows,
             "tokens_before": int(pc_sum(scores, "n_tokens")),
@@ -109,6 +303,53 @@ def sample(cfg: SampleConfig) -> dict:
             "scores": score_manifest,
         }
         return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
+
+
+def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str) -> tuple[np.ndarray, list[str]]:
+    """The group of every score row under --group-column (codes and sorted labels), checked before any output."""
+    if score_manifest["settings"]["unit"] == "chunk":
+        raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
+    ds = open_scored_corpus(source, score_manifest["data"])
+    if cfg.group_column not in ds.column_names:
+        raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: "
+                          f"{', '.join(ds.column_names)}")
+    return group_codes(ds, score_manifest["data"]["id_column"], cfg.group_column,
+                       scores.column("id").to_numpy(zero_copy_only=False))
+
+
+def choose(cfg, scores: pa.Table, method: str, groups: Optional[tuple[np.ndarray, list[str]]],
+           balance_default: Optional[str] = "proportional") -> tuple[np.ndarray, np.ndarray, dict]:
+    """The kept positions by `method` under the budget, temperature and balance of `cfg`, the method's keys, and the
+    record of how they were chosen (for the manifest: every setting and, per group, the counts before and after)."""
+    keys = selection_keys(scores, method, cfg.seed)
+    n_tokens = scores.column("n_tokens").to_numpy().astype(np.int64)
+    ids = scores.column("id").to_numpy(zero_copy_only=False)
+    budget = budget_of(cfg, n_tokens)
+    balance = (cfg.balance or balance_default) if groups is not None else None
+    codes, labels = groups if balance else (None, None)
+    shares = None
+    if balance:
+        unit_sizes = np.bincount(codes, weights=n_tokens if budget.unit == "tokens" else None, minlength=len(labels))
+        shares = balance_shares(balance, labels, unit_sizes.round().astype(np.int64))
+    kept = select(keys, ids, n_tokens, budget, cfg.temperature, cfg.seed, codes, shares)
+    record = {
+        "alpha": (0.5 if cfg.alpha is None else cfg.alpha) if budget.unit == "instances" else None,
+        "token_budget": budget.count if budget.unit == "tokens" else None,
+        "token_fraction": cfg.token_fraction,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed if method == "random" or cfg.temperature > 0 else None,
+        "group_column": cfg.group_column if balance else None,
+        "balance": balance,
+    }
+    if balance:
+        kept_mask = np.zeros(len(ids), dtype=bool)
+        kept_mask[kept] = True
+        count = lambda weights=None: np.bincount(codes, weights=weights, minlength=len(labels))
+        per_group = zip(labels, shares, count(), count(kept_mask), count(n_tokens), count(np.where(kept_mask, n_tokens, 0)))
+        record["groups"] = {label: {"share": float(share), "instances_before": int(a), "instances_after": int(b),
+                                    "tokens_before": int(c), "tokens_after": int(d)}
+                            for label, share, a, b, c, d in per_group}
+    return kept, keys, record
 
 
 def pc_sum(table: pa.Table, column: str) -> float:

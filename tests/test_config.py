@@ -73,7 +73,7 @@ def test_flag_values_are_converted_like_yaml_values():
     ("alpha: abc", "is not a number"),
     ("alpha: .nan", "is not a finite number"),
     ("alpha: [0.5]", "is not a number"),
-    ("alpha: null", "needs a value"),
+    ("seed: null", "needs a value"),  # alpha may be null: no --alpha (a token budget, or the default 0.5)
     ("seed: 2.5", "is not an integer"),
     ("seed: true", "is not an integer"),
     ("method: 3", "is not one of"),
@@ -146,7 +146,7 @@ def test_a_yaml_file_must_be_a_mapping(tmp_path, text, fragment):
 
 def test_an_empty_yaml_file_is_no_values(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing\n")
-    assert load_config(SampleConfig, str(tmp_path / "empty.yaml"), SAMPLE).alpha == 0.5
+    assert load_config(SampleConfig, str(tmp_path / "empty.yaml"), SAMPLE).method == "difference"
 
 
 def test_flags_override_yaml(tmp_path):

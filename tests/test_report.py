@@ -94,3 +94,26 @@ def test_report_on_chunks_reads_each_example_text_from_its_score_shard(tmp_path,
     for _, chunk in scores.sort_values(["score", "id"], ascending=[False, True]).iloc[[0, 1, -2, -1]].iterrows():
         start = page.index(f"<tr><td>{chunk['id']}</td>")
         assert f"<pre>{html.escape(chunk['text'][:400])}" in page[start : page.index("</tr>", start)]
+
+
+def test_report_with_samples_flags_shows_what_that_sample_kept_per_group(tiny_run, tmp_path):
+    import datasets
+
+    flags = ["--token-fraction", "0.4", "--temperature", "0.3", "--seed", "2", "--group-column", "domain", "--balance", "equal"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", str(tiny_run / "scores"), "--output", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(tiny_run / "scores"), "--output", str(tmp_path / "r.html"), *flags])
+    assert result.exit_code == 0, result.output
+    refined = datasets.load_dataset(str(tmp_path / "out"), split="train").to_pandas()
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tiny_run / "scores" / "data").glob("*.parquet"))])
+    scores["domain"] = pd.read_json(tiny_run / "corpus.jsonl", lines=True)["domain"].to_numpy()[scores["id"]]
+    page = (tmp_path / "r.html").read_text()
+    assert f"{len(refined)} of 30 instances kept" in result.stdout
+    assert f"{refined['n_tokens'].sum() / scores['n_tokens'].sum():.1%} of tokens" in page  # the selected token share
+    assert "no single score separates" in page and "within each group of `domain`, by equal shares" in page
+    for domain, group in scores.groupby("domain"):
+        before, after = group["n_tokens"].sum(), refined.loc[refined["domain"] == domain, "n_tokens"].sum()
+        row = page[page.index(f"<tr><td>{domain}</td>"):]
+        row = row[: row.index("</tr>")]
+        assert f"<td>{before:,}</td><td>{after:,}</td>" in row and f"<td>{after / before:.0%}</td>" in row, row

@@ -1,5 +1,6 @@
 import json
 import math
+from fractions import Fraction
 
 import datasets
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.sample import ShardWriter, n_kept, sample, select_top_fraction
+from refine.sample import (Budget, ShardWriter, apportion, balance_shares, budget_of, gumbel_noise, n_kept, sample, select,
+                           select_top_fraction)
 
 
 def test_n_kept_is_exact_ceiling():
@@ -44,6 +46,138 @@ def test_top_fraction_string_ids_and_order_independence():
 def test_nan_scores_are_refused():
     with pytest.raises(RefineError, match="NaN"):
         select_top_fraction(np.array([1.0, np.nan]), np.array([0, 1]), 0.5)
+
+
+def pandas_token_prefix(keys, ids, n_tokens, budget):
+    """Independent token budget: sort by key (then id), keep rows until the running token sum first reaches it."""
+    frame = pd.DataFrame({"key": keys, "id": ids, "n": n_tokens}).sort_values(["key", "id"], ascending=[False, True])
+    running = frame["n"].cumsum().to_numpy()
+    stop = len(frame) if running[-1] < budget else int((running < budget).sum()) + 1
+    return sorted(frame.index[:stop])
+
+
+def test_token_budget_keeps_the_shortest_prefix_reaching_it():
+    rng = np.random.default_rng(1)
+    keys, ids, n_tokens = rng.normal(size=50).round(1), rng.permutation(50), rng.integers(1, 40, 50)  # rounding makes ties
+    for budget in (1, 17, 200, int(n_tokens.sum()) // 2, int(n_tokens.sum())):
+        kept = select(keys, ids, n_tokens, Budget("tokens", budget))
+        assert kept.tolist() == pandas_token_prefix(keys, ids, n_tokens, budget)
+        assert n_tokens[kept].sum() >= budget
+
+
+def test_budget_of_each_option_and_its_default():
+    n_tokens = np.array([3, 3, 4])  # 10 tokens
+    config = lambda **given: SampleConfig(scores="s", output="o", **given)
+    assert budget_of(config(), n_tokens) == Budget("instances", 2)  # alpha 0.5 when no budget is given
+    assert budget_of(config(alpha=0.3), n_tokens) == Budget("instances", 1)
+    assert budget_of(config(tokens=7), n_tokens) == Budget("tokens", 7)
+    assert budget_of(config(token_fraction=0.3), n_tokens) == Budget("tokens", 3)  # exact: 0.3 * 10 is not above 3
+    with pytest.raises(RefineError, match="--tokens 11 is more than the 10 tokens scored"):
+        budget_of(config(tokens=11), n_tokens)
+
+
+def test_zero_temperature_is_top_k_and_a_tiny_one_agrees():
+    rng = np.random.default_rng(2)
+    keys, ids, n_tokens = rng.normal(size=40), np.arange(40), np.ones(40, dtype=int)
+    top = select(keys, ids, n_tokens, Budget("instances", 10))
+    assert top.tolist() == select_top_fraction(keys, ids, 0.25).tolist()
+    for seed in range(5):  # keys differ by far more than 1e-9 * any Gumbel draw
+        assert select(keys, ids, n_tokens, Budget("instances", 10), temperature=1e-9, seed=seed).tolist() == top.tolist()
+
+
+def test_a_large_temperature_samples_uniformly():
+    keys, ids, n_tokens = np.linspace(-5, 5, 10), np.arange(10), np.ones(10, dtype=int)
+    counts = np.zeros(10)
+    for seed in range(2000):
+        counts[select(keys, ids, n_tokens, Budget("instances", 3), temperature=1e9, seed=seed)] += 1
+    frequency = counts / 2000  # each is 0.3 in expectation; the standard error is about 0.01
+    assert np.abs(frequency - 0.3).max() < 0.045, frequency
+
+
+def test_inclusion_frequencies_match_sequential_sampling_without_replacement():
+    keys, temperature = np.array([0.0, 0.5, 1.0, 2.0]), 0.7
+    weights = np.exp(keys / temperature)
+    exact = np.zeros(4)  # P(i is among 2 drawn one after another, each with probability proportional to its weight)
+    for first in range(4):
+        for second in set(range(4)) - {first}:
+            p = weights[first] / weights.sum() * weights[second] / (weights.sum() - weights[first])
+            exact[[first, second]] += p
+    counts = np.zeros(4)
+    for seed in range(4000):
+        counts[select(keys, np.array([11, 12, 13, 14]), np.ones(4, dtype=int), Budget("instances", 2), temperature, seed)] += 1
+    assert np.abs(counts / 4000 - exact).max() < 0.03, (counts / 4000, exact)  # standard errors about 0.008
+
+
+def test_gumbel_noise_depends_on_seed_and_id_only():
+    ids = np.array(["b", "a", "c", "d"], dtype=object)
+    noise = gumbel_noise(ids, 7)
+    assert noise[[1, 0, 3, 2]].tolist() == gumbel_noise(ids[[1, 0, 3, 2]], 7).tolist()
+    assert noise[:2].tolist() == gumbel_noise(ids[:2], 7).tolist()  # the others' presence changes nothing
+    assert not np.allclose(noise, gumbel_noise(ids, 8))
+    assert gumbel_noise(np.arange(5), 0)[3] == gumbel_noise(np.array([3]), 0)[0]
+    draws = gumbel_noise(np.arange(20000), 1)
+    assert abs(draws.mean() - np.euler_gamma) < 0.03 and abs(draws.std() - np.pi / 6**0.5) < 0.03
+
+
+def test_selection_does_not_depend_on_row_order():
+    rng = np.random.default_rng(3)
+    keys, ids, n_tokens, groups = rng.normal(size=60), rng.permutation(60) * 7, rng.integers(1, 30, 60), rng.integers(0, 3, 60)
+    shares = [Fraction(1, 3)] * 3
+    perm = rng.permutation(60)
+    for budget in (Budget("instances", 20), Budget("tokens", 400)):
+        for temperature in (0.0, 0.5):
+            kept = select(keys, ids, n_tokens, budget, temperature, 5, groups, shares)
+            shuffled = select(keys[perm], ids[perm], n_tokens[perm], budget, temperature, 5, groups[perm], shares)
+            assert sorted(ids[kept]) == sorted(ids[perm][shuffled])
+
+
+def test_apportion_is_exact_by_largest_remainder_and_redistributes_what_a_group_lacks():
+    third, half = Fraction(1, 3), Fraction(1, 2)
+    assert apportion(5, [Fraction(5, 10), Fraction(3, 10), Fraction(2, 10)], [5, 3, 2]) == [3, 1, 1]  # 2.5 1.5 1: tie to the first
+    assert apportion(6, [third] * 3, [5, 3, 2]) == [2, 2, 2]
+    assert apportion(6, [third] * 3, [5, 1, 4]) == [3, 1, 2]  # the second has 1; its other 1 goes 2.5/2.5, tie to the first
+    assert apportion(5, [Fraction(7, 10), Fraction(3, 10), Fraction(0)], [9, 9, 9]) == [4, 1, 0]
+    assert apportion(9, [half, half, Fraction(0)], [2, 3, 9]) == [2, 3, 0]  # share 0 takes nothing; the total falls short
+    assert apportion(10, [third] * 3, [4, 4, 4]) == [4, 3, 3]
+
+
+@pytest.mark.parametrize("balance, expected", [("proportional", [3, 1, 1]), ("equal", [2, 2, 1]), ("file", [4, 1, 0])])
+def test_balanced_selection_keeps_each_groups_best_instances(tmp_path, balance, expected):
+    rng = np.random.default_rng(4)
+    groups = np.array([0] * 5 + [1] * 3 + [2] * 2)[rng.permutation(10)]
+    keys, ids, n_tokens = rng.normal(size=10), np.arange(10), np.ones(10, dtype=int)
+    labels, sizes = ["a", "b", "c"], np.bincount(groups)
+    if balance == "file":
+        (tmp_path / "shares.yaml").write_text("a: 0.7\nb: 0.3\nc: 0\n")
+        balance = str(tmp_path / "shares.yaml")
+    shares = balance_shares(balance, labels, sizes)
+    kept = select(keys, ids, n_tokens, Budget("instances", 5), groups=groups, shares=shares)
+    assert np.bincount(groups[kept], minlength=3).tolist() == expected
+    frame = pd.DataFrame({"key": keys, "group": groups}).sort_values("key", ascending=False)
+    best = [frame.index[frame["group"] == g][:expected[g]].tolist() for g in range(3)]
+    assert kept.tolist() == sorted(sum(best, []))
+
+
+def test_balanced_token_budget_splits_tokens_in_proportion():
+    groups, n_tokens = np.array([0, 0, 0, 0, 1, 1]), np.array([10, 10, 10, 10, 30, 30])  # 40 and 60 tokens
+    keys = np.array([4.0, 3.0, 2.0, 1.0, 2.0, 1.0])
+    shares = balance_shares("proportional", ["a", "b"], np.bincount(groups, weights=n_tokens))
+    kept = select(keys, np.arange(6), n_tokens, Budget("tokens", 50), groups=groups, shares=shares)
+    assert kept.tolist() == [0, 1, 4]  # quotas 20 and 30 tokens: the two best of a, the best of b
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a: [\n", "is not valid YAML"), ("- a\n", "is not a mapping"), ("a: 0.5\nb: 0.5\nz: 0\n", "names group 'z'"),
+    ("a: 1\n", "gives no share to group 'b'"), ("a: -0.5\nb: 1.5\n", "gives group 'a' the share -0.5"),
+    ("a: 0.5\nb: 0.6\n", "sum to 1.1, not 1"), ("a: x\nb: 1\n", "the share 'x'"),
+])
+def test_a_bad_balance_file_is_one_error_naming_the_fix(tmp_path, text, fragment):
+    (tmp_path / "shares.yaml").write_text(text)
+    with pytest.raises(RefineError, match=fragment) as error:
+        balance_shares(str(tmp_path / "shares.yaml"), ["a", "b"], np.array([1, 1]))
+    assert len(str(error.value).splitlines()) == 1 and ";" in str(error.value)
+    with pytest.raises(RefineError, match="cannot read balance file"):
+        balance_shares(str(tmp_path / "none.yaml"), ["a", "b"], np.array([1, 1]))
 
 
 def write_scored_corpus(root, teacher_dir, reference_dir, unit, id_column):
@@ -129,3 +263,72 @@ def test_sample_from_another_directory_finds_a_corpus_scored_by_a_relative_path(
     monkeypatch.chdir(tmp_path)  # the manifest recorded where the corpus is, not how it was typed
     manifest = sample(SampleConfig(scores="project/scores", output="refined", alpha=0.5))
     assert manifest["instances_after"] == 3
+
+
+def test_cli_samples_a_token_budget_balanced_over_groups_with_temperature(tmp_path, teacher_dir, reference_dir):
+    from typer.testing import CliRunner
+
+    from refine.cli import app
+
+    documents = write_scored_corpus(tmp_path, teacher_dir, reference_dir, "document", "doc")
+    (tmp_path / "shares.yaml").write_text("d0: 0.4\nd1: 0.4\nd2: 0.2\nd3: 0\n")
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "scores"), "--output", str(tmp_path / "out"), "--token-fraction",
+                                      "0.4", "--temperature", "0.5", "--seed", "3", "--group-column", "domain",
+                                      "--balance", str(tmp_path / "shares.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "token-fraction=0.4 temperature=0.5 seed=3 balanced" in result.stdout
+
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scores" / "data").glob("*.parquet"))], ignore_index=True)
+    scores = scores.merge(documents[["doc", "domain"]], left_on="id", right_on="doc")
+    scores["key"] = scores["score"] / 0.5 + gumbel_noise(scores["id"].to_numpy(dtype=object), 3)  # tested above
+    budget = math.ceil(0.4 * scores["n_tokens"].sum())
+    quotas = apportion(budget, [Fraction(2, 5), Fraction(2, 5), Fraction(1, 5), Fraction(0)],
+                       scores.groupby("domain")["n_tokens"].sum().tolist())
+    expected = set()
+    for quota, (_, group) in zip(quotas, scores.groupby("domain")):
+        kept = pandas_token_prefix(group["key"].to_numpy(), group["id"].to_numpy(), group["n_tokens"].to_numpy(), quota) if quota else []
+        expected |= set(group["id"].to_numpy()[kept])
+    refined = datasets.load_dataset(str(tmp_path / "out"), split="train").to_pandas()
+    assert set(refined["doc"]) == expected
+    assert "d3" not in set(refined["domain"])
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["token_budget"], manifest["token_fraction"], manifest["temperature"], manifest["seed"]) == (budget, 0.4, 0.5, 3)
+    assert manifest["group_column"] == "domain" and manifest["threshold"] is None and manifest["alpha"] is None
+    assert {g: v["tokens_after"] for g, v in manifest["groups"].items()} == refined.groupby("domain")["n_tokens"].sum().reindex(
+        ["d0", "d1", "d2", "d3"], fill_value=0).to_dict()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"at least {budget:,} tokens (40% of the corpus's tokens)" in card and "Gumbel top-k, seed 3" in card
+    assert "within each group of `domain`, by the shares of `shares.yaml`" in card and "| `d2` | 20.0% |" in card
+
+
+def test_proportional_alpha_keeps_the_same_fraction_of_every_group(tiny_run, tmp_path):
+    manifest = sample(SampleConfig(scores=str(tiny_run / "scores"), output=str(tmp_path / "out"), alpha=0.3,
+                                   group_column="domain"))
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tiny_run / "scores" / "data").glob("*.parquet"))], ignore_index=True)
+    scores["domain"] = pd.read_json(tiny_run / "corpus.jsonl", lines=True)["domain"].to_numpy()[scores["id"]]
+    top = scores.sort_values(["score", "id"], ascending=[False, True]).groupby("domain").head(3)  # 0.3 of each 10
+    refined = datasets.load_dataset(str(tmp_path / "out"), split="train").to_pandas()
+    assert sorted(refined["id"]) == sorted(top["id"])
+    assert manifest["balance"] == "proportional" and manifest["instances_after"] == 9
+    assert [g["instances_after"] for g in manifest["groups"].values()] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--alpha", "0.5", "--tokens", "10"], "both --alpha and --tokens given; choose one budget"),
+    (["--tokens", "10", "--token-fraction", "0.5"], "both --tokens and --token-fraction given; choose one budget"),
+    (["--balance", "equal"], "--balance needs --group-column"),
+    (["--group-column", "domain", "--balance", "shares.txt"], "is not proportional, equal or a .yaml file"),
+    (["--group-column", "nope"], "corpus has no column 'nope'; pass --group-column with one of: text, domain"),
+    (["--group-column", "domain", "--balance", "missing.yaml"], "cannot read balance file 'missing.yaml'"),
+    (["--temperature", "-1"], "--temperature -1.0 must be at least 0"),
+    (["--tokens", "100000"], "--tokens 100000 is more than the"),
+])
+def test_bad_selection_options_are_one_line_errors(tiny_run, tmp_path, flags, fragment):
+    from typer.testing import CliRunner
+
+    from refine.cli import app
+
+    result = CliRunner().invoke(app, ["sample", str(tiny_run / "scores"), "--output", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
