@@ -657,6 +657,8 @@ class StreamedCorpus:
             self.fs, path = fsspec.core.url_to_fs(source)
             infos = _remote_listing(self.fs, path)
         files = sorted(p for p, info in infos.items() if info.get("type", "file") == "file" and _extension(p) in BUILDER_BY_EXTENSION)
+        if not files and not infos:  # s3fs lists a missing bucket as empty: say which part of the URL is missing
+            _check_base_exists(self.fs, path, source)
         if not files:
             raise RefineError(f"corpus {source!r} matches no data files; give a URL of {', '.join(STREAMED_BUILDERS)} "
                               "files, a folder holding them, or a glob such as s3://bucket/prefix/*.jsonl")
@@ -772,6 +774,16 @@ def _remote_listing(fs, path: str) -> dict:
     if fs.isdir(path):
         return fs.find(path, detail=True)
     raise FileNotFoundError(f"no file or folder {path}")
+
+
+def _check_base_exists(fs, path: str, source: str) -> None:
+    parts = path.split("/")
+    base = "/".join(parts[:next((k for k, part in enumerate(parts) if glob.has_magic(part)), len(parts))])
+    with _remote_errors(source):
+        exists = fs.exists(base)
+    if not exists:
+        raise RefineError(f"could not open corpus {source!r} (no bucket, repo or folder {base!r}); check the URL, that "
+                          "the bucket or repo exists, and your credentials")
 
 
 def _remote_file_facts(path: str, info: dict) -> dict:
