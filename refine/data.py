@@ -1,4 +1,4 @@
-"""Open any corpus `datasets` can read, check its text column, and fingerprint its content."""
+"""Open any corpus `datasets` can read, or stream one from a remote URL; check its text column; fingerprint it."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def resolved_source(source: str) -> str:
 
 def corpus_files(source: str, split: str = "train", name: Optional[str] = None) -> list[str] | None:
     """Absolute, resolved paths of the local files `load_corpus(source, split, name)` reads; None for a hub dataset."""
+    if is_remote(source):
+        raise RefineError(f"this command cannot read the remote corpus {source!r}; copy it to local disk, or give a hub dataset name")
     path = Path(source).expanduser()
     with _read_errors(source):
         if _is_saved_dataset(path):
@@ -629,6 +631,7 @@ def corpus_license(ds) -> Optional[str]:
 # objects a batch at a time, so nothing of the corpus is written to disk.
 
 STREAMED_BUILDERS = ("json", "parquet", "csv")
+SCAN_BATCH_ROWS = 10_000  # rows parsed at a time by the scan; a jsonl shard read starts at one of these batches
 
 
 def is_remote(source: str) -> bool:
@@ -674,6 +677,8 @@ class StreamedCorpus:
         self.schema = self._read_schema()
         self.rows_per_file = scan["rows_per_file"] if scan else (self._footer_rows() if self.builder == "parquet" else None)
         self.n_blank = scan["n_blank"] if scan else None
+        # per jsonl file, (row, byte offset) where each scanned batch starts: a shard's read seeks to the one before it
+        self.checkpoints = scan.get("checkpoints") if scan else None
         self.ids = None  # the id column, once `scan` has read it
 
     @property
@@ -688,10 +693,11 @@ class StreamedCorpus:
     def scan(self, text_column: str, id_column: Optional[str]) -> None:
         """One streamed pass over the text (and id) column: rows per file, blank texts, ids, UTF-8 validity."""
         columns = [text_column] + ([id_column] if id_column else [])
-        rows_per_file, n_blank, ids = [], 0, []
+        rows_per_file, n_blank, ids, self.checkpoints = [], 0, [], []
         for path in self.files:
-            n_rows = 0
-            for _, table in self._file_tables(path, columns):
+            n_rows, checkpoints = 0, ([] if self.builder == "json" and not _is_compressed(path) else None)
+            self.checkpoints.append(checkpoints)
+            for _, table in self._file_tables(path, columns, batch_rows=SCAN_BATCH_ROWS, checkpoints=checkpoints):
                 n_rows += table.num_rows
                 text = table.column(text_column)
                 try:
@@ -706,22 +712,25 @@ class StreamedCorpus:
             rows_per_file.append(n_rows)
         self.rows_per_file, self.n_blank = rows_per_file, n_blank
         if id_column:
-            with _remote_errors(self.source):
+            try:
                 self.ids = pa.chunked_array(ids) if ids else pa.chunked_array([], type=self.schema.field(id_column).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # one batch read the ids as numbers, another as strings
+                raise RefineError(f"id column {id_column!r} of {self.source!r} mixes types between rows; {ID_FIX}") from None
 
     def scan_record(self) -> dict:
-        """What `scan` found that another process needs to read shards: JSON-able, one number per file."""
-        return {"rows_per_file": list(self.rows_per_file), "n_blank": self.n_blank}
+        """What `scan` found that another process needs to read shards: JSON-able, per file its row count and (jsonl)
+        where each scanned batch starts, so a task neither rescans the corpus nor reads a file from its start."""
+        return {"rows_per_file": list(self.rows_per_file), "n_blank": self.n_blank, "checkpoints": self.checkpoints}
 
     def rows(self, first: int, last: int, columns: Optional[list[str]] = None) -> pa.Table:
         """Rows [first, last) of the concatenated files; only the files (parquet: row groups) that hold them are read."""
         tables, offset = [], 0
-        for path, n_rows in zip(self.files, self.rows_per_file):
+        for k, (path, n_rows) in enumerate(zip(self.files, self.rows_per_file)):
             start, stop = first - offset, last - offset  # the wanted rows, counted inside this file
             offset += n_rows
             if stop <= 0 or start >= n_rows:
                 continue
-            for table_first, table in self._file_tables(path, columns, skip_rows=start):
+            for table_first, table in self._file_tables(path, columns, skip_rows=start, resume=self._resume_point(k, start)):
                 table_last = table_first + table.num_rows
                 if table_last > start:
                     lo, hi = max(start, table_first), min(stop, table_last)
@@ -736,15 +745,25 @@ class StreamedCorpus:
             for _, table in self._file_tables(path, None, batch_rows=batch_rows):
                 yield _conform(table, self.schema)
 
-    def _file_tables(self, path: str, columns: Optional[list[str]], skip_rows: int = 0, batch_rows: int = 10_000):
-        """(first row, table) pairs of one file's rows, from about row `skip_rows` on (parquet skips the row groups
-        before it unread; a text file is read from its start, since its rows have no index)."""
+    def _resume_point(self, file_index: int, row: int) -> tuple[int, int]:
+        """The last scanned (row, byte offset) at or before `row` of a jsonl file; (0, 0) when there is none."""
+        found = (0, 0)
+        for checkpoint in (self.checkpoints[file_index] if self.checkpoints else None) or []:
+            if checkpoint[0] > row:
+                break
+            found = tuple(checkpoint)
+        return found
+
+    def _file_tables(self, path: str, columns: Optional[list[str]], skip_rows: int = 0, batch_rows: int = 10_000,
+                     resume: tuple[int, int] = (0, 0), checkpoints: Optional[list] = None):
+        """(first row, table) pairs of one file's rows, from about row `skip_rows` on: parquet skips the row groups
+        before it unread, jsonl starts at `resume` (a scanned (row, byte offset)), csv reads from the file's start."""
         with _remote_errors(self.source, path, self.builder):
             with self.fs.open(path, "rb", compression="infer") as f:
                 if self.builder == "parquet":
                     yield from _parquet_tables(f, columns, skip_rows, batch_rows)
                 elif self.builder == "json":
-                    yield from _jsonl_tables(f, columns, batch_rows)
+                    yield from _jsonl_tables(f, columns, batch_rows, resume, checkpoints)
                 else:
                     yield from _csv_tables(f, columns, batch_rows)
 
@@ -758,12 +777,11 @@ class StreamedCorpus:
         return pa.schema([])
 
     def _footer_rows(self) -> list[int]:
-        with _remote_errors(self.source):
-            counts = []
-            for path in self.files:
-                with self.fs.open(path, "rb") as f:
-                    counts.append(pq.ParquetFile(f).metadata.num_rows)
-            return counts
+        counts = []
+        for path in self.files:
+            with _remote_errors(self.source, path, self.builder), self.fs.open(path, "rb") as f:
+                counts.append(pq.ParquetFile(f).metadata.num_rows)
+        return counts
 
 
 def _remote_listing(fs, path: str) -> dict:
@@ -806,18 +824,29 @@ def _parquet_tables(f, columns, skip_rows: int, batch_rows: int):
             first += n_rows
 
 
-def _jsonl_tables(f, columns, batch_rows: int):
-    """JSON Lines, parsed a batch of lines at a time by pyarrow's JSON reader (the one datasets' json builder uses)."""
+def _jsonl_tables(f, columns, batch_rows: int, resume: tuple[int, int] = (0, 0), checkpoints: Optional[list] = None):
+    """JSON Lines, parsed a batch of lines at a time by pyarrow's JSON reader (the one datasets' json builder uses),
+    from `resume` = (row, byte offset) on; each batch's (first row, byte offset) is appended to `checkpoints`."""
     import pyarrow.json as paj
 
-    first, lines = 0, []
+    first, position = resume
+    if position:
+        f.seek(position)
+    lines, batch_start = [], position
     for line in f:
+        if not lines:
+            batch_start = position
+        position += len(line)
         if line.strip():  # blank lines hold no row, for pyarrow as for datasets
             lines.append(line if line.endswith(b"\n") else line + b"\n")
         if len(lines) == batch_rows:
+            if checkpoints is not None:
+                checkpoints.append([first, batch_start])
             yield first, _select(paj.read_json(pa.BufferReader(b"".join(lines))), columns)
             first, lines = first + len(lines), []
     if lines:
+        if checkpoints is not None:
+            checkpoints.append([first, batch_start])
         yield first, _select(paj.read_json(pa.BufferReader(b"".join(lines))), columns)
 
 
@@ -854,17 +883,20 @@ def _concat(tables: list[pa.Table], schema: pa.Schema, columns: Optional[list[st
 
 @contextlib.contextmanager
 def _remote_errors(source: str, file: Optional[str] = None, builder: Optional[str] = None):
-    """What fsspec and the readers raise, as one RefineError naming the URL (or file) and the fix."""
+    """What fsspec and the readers raise, as one RefineError naming the URL (or file) and the fix.
+
+    Without `file` (listing, opening) every failure means the URL could not be reached or named nothing: the
+    storage clients raise their own types (botocore's connection errors are not OSErrors).
+    """
     try:
         yield
     except RefineError:
         raise
     except UnicodeDecodeError as e:
         raise RefineError(_undecodable(file or source, e)) from None
-    except (FileNotFoundError, PermissionError, ConnectionError, OSError) as e:
-        raise RefineError(f"could not open corpus {source!r} ({_first_line(e)}); check the URL, that the bucket or "
-                          "repo exists, and your credentials") from None
-    except Exception as e:  # the readers' own parse errors
-        where = f"corpus file {file!r}" if file else f"corpus {source!r}"
-        raise RefineError(f"could not read {where} as {builder or 'data'} ({_first_line(e)}); check that its files are "
-                          "whole and in the format their names say") from None
+    except Exception as e:
+        if file is None or isinstance(e, (FileNotFoundError, PermissionError, ConnectionError)):
+            raise RefineError(f"could not open corpus {source!r} ({_first_line(e)}); check the URL, that the bucket or "
+                              "repo exists, and your credentials") from None
+        raise RefineError(f"could not read corpus file {file!r} as {builder} ({_first_line(e)}); check that it is whole "
+                          "and in the format its name says") from None

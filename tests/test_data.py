@@ -316,19 +316,26 @@ def test_a_streamed_corpus_reads_the_rows_of_its_local_copy(tmp_path, extension)
     assert corpus_fingerprint(streamed, "text", "doc", full=True) == corpus_fingerprint(local, "text", "doc", full=True)
 
 
-def test_a_task_opens_a_streamed_corpus_from_the_driver_s_scan_without_reading_it(tmp_path):
+def test_a_task_opens_a_streamed_corpus_from_the_driver_s_scan_without_reading_it(tmp_path, monkeypatch):
     import fsspec
 
+    import refine.data
     from refine.data import open_corpus, read_rows
 
-    remote = f"memory://{tmp_path.name}"
-    write_parts(fsspec.filesystem("memory"), remote, "jsonl")
+    monkeypatch.setattr(refine.data, "SCAN_BATCH_ROWS", 2)  # a checkpoint every 2 rows
+    fs, remote = fsspec.filesystem("memory"), f"memory://{tmp_path.name}"
+    write_parts(fs, remote, "jsonl", sizes=(7, 3))
     driver = open_corpus(remote)  # a folder: every data file in it
     check_columns(driver, "text", "doc", remote)
-    task = open_corpus(remote, scan=driver.scan_record())
+    record = json.loads(json.dumps(driver.scan_record()))  # what travels to the tasks
+    part_0 = fs.cat(f"{remote}/part-0.jsonl")
+    assert [row for row, _ in record["checkpoints"][0]] == [0, 2, 4, 6]
+    assert [json.loads(part_0[offset:].split(b"\n")[0])["n"] for _, offset in record["checkpoints"][0]] == [0, 2, 4, 6]
+    task = open_corpus(remote, scan=record)
     check_columns(task, "text", "doc", remote)  # schema only: the counts came with the record
     assert task.ids is None and document_ids(task, "doc") is None and count_blank(task, "text") == 2
-    assert read_rows(task, 2, 9, ["doc"]).column("doc").to_pylist() == [f"d{k}" for k in range(2, 9)]
+    for first, last in [(2, 9), (5, 6), (6, 10), (0, 1)]:
+        assert read_rows(task, first, last, ["doc"]).column("doc").to_pylist() == [f"d{k}" for k in range(first, last)]
 
 
 def test_the_remote_fingerprint_follows_file_versions_and_reads_no_rows(tmp_path):
@@ -370,3 +377,24 @@ def test_remote_sources_that_cannot_be_read_are_one_line_errors(tmp_path, s3_end
         check_columns(open_corpus(f"memory://{tmp_path.name}/bad/a.jsonl"), "text", None, "x")
     with pytest.raises(RefineError, match="cannot read the remote corpus"):
         load_corpus("s3://corpora/c/*.jsonl")  # stages that do not stream refuse a URL rather than copy it
+    with pytest.raises(RefineError, match="cannot read the remote corpus"):
+        corpus_files("s3://corpora/c/*.jsonl")
+
+
+def test_s3_files_are_fingerprinted_by_their_etags_and_compressed_jsonl_streams(tmp_path, s3_endpoint):
+    import gzip
+
+    import boto3
+    import fsspec
+
+    from refine.data import open_corpus
+
+    with fsspec.open("s3://corpora/gz/a.jsonl.gz", "wb") as f:
+        f.write(gzip.compress(b'{"text": "one"}\n{"text": "two"}\n'))
+    streamed = open_corpus("s3://corpora/gz/*.jsonl.gz")
+    check_columns(streamed, "text", None, "s3://corpora/gz")
+    assert [r["text"] for b in streamed.iter_batches() for r in b.to_pylist()] == ["one", "two"]
+    etag = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket="corpora", Key="gz/a.jsonl.gz")["ETag"]
+    assert streamed.file_facts == [{"path": "corpora/gz/a.jsonl.gz", "bytes": streamed.fs.size("corpora/gz/a.jsonl.gz"),
+                                    "version": etag}]
+    assert streamed.scan_record()["checkpoints"] == [None]  # a compressed file is read from its start
