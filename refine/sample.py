@@ -138,7 +138,7 @@ def open_scored_corpus(source: str, data_spec: dict):
     if not streamed and len(ds) != data_spec["n_rows"]:
         raise RefineError(f"corpus {source!r} has {len(ds)} rows but was scored with {data_spec['n_rows']}; {fix}")
     kind = corpus.fingerprint_kind(data_spec["fingerprint"])
-    files = corpus.corpus_files(source, data_spec["split"], data_spec["name"]) if kind == "files" else None
+    files = corpus.read_files(ds, source, data_spec["split"], data_spec["name"]) if kind == "files" else None
     fingerprint = corpus.corpus_fingerprint(ds, data_spec["text_column"], data_spec["id_column"], files,
                                             full=kind == "content")
     if fingerprint.removeprefix("content:") != data_spec["fingerprint"].removeprefix("content:"):

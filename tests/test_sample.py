@@ -192,3 +192,7 @@ def test_a_corpus_on_s3_is_scored_and_sampled_as_a_stream_like_its_local_copy(
     assert data["files"] == [f"s3://corpora/c/part-{k}.{extension}" for k in range(3)]
     assert data["fingerprint"].startswith("remote:") and data["n_rows"] == 10
     assert data["n_blank_skipped"] == local_manifest["data"]["n_blank_skipped"] == 2
+    # the same rows from another place are not the corpus that was scored, unless --full-fingerprint said so
+    with pytest.raises(RefineError, match="files fingerprint mismatch"):
+        sample(SampleConfig(scores=str(tmp_path / "from-local" / "scores"), data=f"s3://corpora/c/*.{extension}",
+                            output=str(tmp_path / "mixed"), alpha=0.5))
