@@ -169,7 +169,7 @@ def score(cfg: ScoreConfig) -> dict:
     with joined_world(cfg.device) as world:
         if world.world_size > 1 and uses_executor(cfg):
             raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
-        setup = prepare(cfg)
+        setup = _prepare_on_every_rank(cfg, world)
         inputs = [cfg.data, cfg.teacher, cfg.reference]
         with world.holding(lambda: claim(cfg.output, "score", inputs, cfg.overwrite, setup.run)):
             if uses_executor(cfg):
@@ -253,6 +253,15 @@ def prepare(cfg: ScoreConfig, scan: Optional[dict] = None) -> ScoreSetup:
                                       "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
     return ScoreSetup(started, ds, ids, id_type, n_blank, run, tokenizer, None if same_tokenizer else ref_tokenizer,
                       start_id, ref_start_id, ds.scan_record() if isinstance(ds, corpus.StreamedCorpus) else None)
+
+
+def _prepare_on_every_rank(cfg: ScoreConfig, world: World) -> ScoreSetup:
+    """Each rank's setup. A streamed corpus is read through once, by rank 0; the other ranks open it from its record."""
+    if world.world_size == 1 or not corpus.is_remote(cfg.data):
+        return prepare(cfg)
+    setup = world.on_main(lambda: prepare(cfg))
+    scan = world.share(setup.scan if setup is not None else None)
+    return setup if setup is not None else prepare(cfg, scan)
 
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int, int]]:
