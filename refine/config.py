@@ -107,7 +107,8 @@ class CorpusArgs(Checked):
 class ScoreConfig(CorpusArgs):
     data: Optional[str] = required(
         "Corpus to score: a hub dataset name, local .jsonl/.json/.parquet/.csv/.txt/.arrow files, a glob, "
-        "a directory of such files, or a `save_to_disk` directory."
+        "a directory of such files, or a `save_to_disk` directory; or an fsspec URL of .jsonl/.parquet/.csv files "
+        "(s3://bucket/prefix/*.jsonl, hf://datasets/owner/name/data/*.parquet), read as a stream with no local copy."
     )
     teacher: Optional[str] = required("Teacher LM: hub id, local directory or .gguf file.")
     reference: Optional[str] = required(
@@ -267,7 +268,7 @@ class PushConfig(Checked):
 
 @dataclass
 class PretrainConfig(CorpusArgs):
-    data: Optional[str] = required("Training corpus (any DATA form that `refine score` accepts; e.g. a refined directory).")
+    data: Optional[str] = required("Training corpus (any local or hub DATA form that `refine score` accepts; e.g. a refined directory).")
     model_config: Optional[str] = required(
         "Student architecture: a preset shipped with refine (e.g. qwen-200m, tiny-llama), a config.json, "
         "a model directory or a hub id (config only; weights start from scratch)."

@@ -1,4 +1,4 @@
-"""Open any corpus `datasets` can read, check its text column, and fingerprint its content."""
+"""Open any corpus `datasets` can read, or stream one from a remote URL; check its text column; fingerprint it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -
     card), a data file, a glob of data files, or a hub dataset name. A path that exists is read as
     exactly that path; `source` is a glob only when no such path exists.
     """
+    if is_remote(source):  # only the stages that stream (score, sample) read URLs: see `open_corpus`
+        raise RefineError(f"this command cannot read the remote corpus {source!r}; copy it to local disk, or give a hub dataset name")
     path = Path(source).expanduser()
     stage = output_stage(path) if path.is_dir() else None
     if stage is not None:
@@ -66,6 +68,8 @@ def resolved_source(source: str) -> str:
 
 def corpus_files(source: str, split: str = "train", name: Optional[str] = None) -> list[str] | None:
     """Absolute, resolved paths of the local files `load_corpus(source, split, name)` reads; None for a hub dataset."""
+    if is_remote(source):
+        raise RefineError(f"this command cannot read the remote corpus {source!r}; copy it to local disk, or give a hub dataset name")
     path = Path(source).expanduser()
     with _read_errors(source):
         if _is_saved_dataset(path):
@@ -332,8 +336,14 @@ def _read_arrow(file: str) -> None:
             pa.ipc.open_file(f).read_all()
 
 
-def check_columns(ds: datasets.Dataset, text_column: str, id_column: Optional[str], source: str) -> None:
-    """Raise one error listing every problem with the text and id columns."""
+def check_columns(ds, text_column: str, id_column: Optional[str], source: str) -> None:
+    """Raise one error listing every problem with the text and id columns.
+
+    A `StreamedCorpus` not yet scanned is scanned here, once its columns pass: its rows, blanks, ids and UTF-8
+    validity are known only by reading it.
+    """
+    if isinstance(ds, StreamedCorpus):
+        return _check_streamed_columns(ds, text_column, id_column, source)
     problems = []
     if text_column not in ds.column_names:
         problems.append(
@@ -362,6 +372,24 @@ def check_columns(ds: datasets.Dataset, text_column: str, id_column: Optional[st
         ) from None
 
 
+def _check_streamed_columns(ds: StreamedCorpus, text_column: str, id_column: Optional[str], source: str) -> None:
+    schema, problems = ds.schema, []
+    if text_column not in schema.names:
+        problems.append(f"{source!r} has no column {text_column!r}; pass --text-column with one of: {', '.join(schema.names)}")
+    elif not (pa.types.is_string(schema.field(text_column).type) or pa.types.is_large_string(schema.field(text_column).type)):
+        problems.append(f"column {text_column!r} of {source!r} holds {schema.field(text_column).type}, not strings; "
+                        "pass --text-column naming a string column")
+    if id_column is not None and id_column not in schema.names:
+        problems.append(f"{source!r} has no id column {id_column!r}; pass --id-column with one of: "
+                        f"{', '.join(schema.names)}, or omit it to use the row index")
+    if problems:
+        raise RefineError(*problems)
+    if ds.rows_per_file is None or ds.n_blank is None:
+        ds.scan(text_column, id_column)
+    if len(ds) == 0:
+        raise RefineError(f"corpus {source!r} is empty; give a corpus with at least one document")
+
+
 def _is_string(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
@@ -369,10 +397,16 @@ def _is_string(feature) -> bool:
 ID_FIX = "pass --id-column naming a column of unique strings or integers, or omit it to use the row index"
 
 
-def document_ids(ds: datasets.Dataset, id_column: Optional[str]) -> list:
-    """Each row's id: the id column's values (unique strings or integers) or the row index."""
+def document_ids(ds, id_column: Optional[str]) -> Optional[list]:
+    """Each row's id: the id column's values (unique strings or integers) or the row index.
+
+    None for a `StreamedCorpus` opened from a scan record (a task): it has not read its ids, and reads each
+    shard's with its rows; the driver's scan checked them.
+    """
     if id_column is None:
         return list(range(len(ds)))
+    if isinstance(ds, StreamedCorpus) and ds.ids is None:
+        return None
     column = _arrow_column(ds, id_column)
     if _is_json(column.type):  # datasets keeps a JSON field whose values differ in type as JSON text
         ids = [None if text is None else json.loads(text) for chunk in column.chunks for text in chunk.storage.to_pylist()]
@@ -386,7 +420,16 @@ def document_ids(ds: datasets.Dataset, id_column: Optional[str]) -> list:
     return column.to_pylist()
 
 
+def id_type(ds, ids: Optional[list], id_column: Optional[str]) -> pa.DataType:
+    """The Arrow type of the ids; a streamed corpus's comes from its schema, so a task that has not read them agrees."""
+    if isinstance(ds, StreamedCorpus) and id_column is not None:
+        return pa.int64() if pa.types.is_integer(ds.schema.field(id_column).type) else pa.string()
+    return arrow_type_for_ids(ids)
+
+
 def _arrow_column(ds: datasets.Dataset, column: str) -> pa.ChunkedArray:
+    if isinstance(ds, StreamedCorpus):
+        return ds.ids
     # through the format, not ds.data, so that a selected or shuffled view reads its own rows
     return ds.with_format("arrow")[column]
 
@@ -433,17 +476,19 @@ def is_blank(text: Optional[str]) -> bool:
     return text is None or not text.strip()
 
 
-def count_blank(ds: datasets.Dataset, text_column: str) -> int:
-    """Number of null, empty or whitespace-only documents."""
+def count_blank(ds, text_column: str) -> int:
+    """Number of null, empty or whitespace-only documents (a streamed corpus counted them in its scan)."""
+    if isinstance(ds, StreamedCorpus):
+        return ds.n_blank
     column = _arrow_column(ds, text_column)
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
     return int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
 
 
-FINGERPRINT_KINDS = ("files", "info", "content")
+FINGERPRINT_KINDS = ("files", "info", "content", "remote")
 
 
-def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Optional[str],
+def corpus_fingerprint(ds, text_column: str, id_column: Optional[str],
                        files: Optional[list[str]] = None, full: bool = False) -> str:
     """`<kind>:<sha256>`: equal fingerprints of one kind mean the same corpus.
 
@@ -451,10 +496,14 @@ def corpus_fingerprint(ds: datasets.Dataset, text_column: str, id_column: Option
     `files` hashes the local files read (name, byte size, modification time) with the row count and
     column names: it reads no rows, so it costs the same at 1 MB and at 1 TB. `info` (no local files:
     a hub dataset) hashes the commit datasets read it at (else its cache files) and its info, with the row
-    count and column names.
+    count and column names. `remote` (a `StreamedCorpus`) hashes each file's path, byte size and version tag
+    (ETag, or the Hub's LFS sha256 / git blob id) with the column names: one listing, no rows read.
     """
     if full:
         return "content:" + _content_digest(ds, text_column, id_column)
+    if isinstance(ds, StreamedCorpus):
+        facts = {"files": ds.file_facts, "columns": ds.column_names}
+        return "remote:" + hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
     facts = {"rows": len(ds), "columns": list(ds.column_names)}
     if files is not None:
         facts["files"] = [_file_facts(f) for f in files]
@@ -478,13 +527,31 @@ def fingerprint_kind(fingerprint: str) -> str:
 def _content_digest(ds: datasets.Dataset, text_column: str, id_column: Optional[str]) -> str:
     digest = hashlib.sha256()
     columns = [text_column] + ([id_column] if id_column else [])
-    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+    if isinstance(ds, StreamedCorpus):
+        batches = _rebatched((t.select(columns) for t in ds.iter_batches(10_000)), 10_000)
+    else:
+        batches = ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000)
+    for batch in batches:
         for column in columns:
             values = batch.column(column).to_pylist()
             digest.update("\x1e".join("" if v is None else str(v) for v in values).encode("utf-8", "surrogatepass"))
             digest.update(b"\x1d")
     digest.update(str(len(ds)).encode())
     return digest.hexdigest()
+
+
+def _rebatched(tables, n_rows: int):
+    """The rows of `tables` regrouped into tables of exactly `n_rows` (the last one shorter), as datasets' iter gives."""
+    pending, held = [], 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= n_rows:
+            joined = pa.concat_tables(pending, promote_options="default")
+            yield joined.slice(0, n_rows)
+            pending, held = [joined.slice(n_rows)], held - n_rows
+    if held:
+        yield pa.concat_tables(pending, promote_options="default")
 
 
 def _file_facts(path: str) -> dict:
@@ -502,13 +569,19 @@ def hub_revision(ds: datasets.Dataset) -> Optional[str]:
     return None
 
 
-def iter_arrow_batches(ds: datasets.Dataset, batch_rows: int = 1000):
+def iter_arrow_batches(ds, batch_rows: int = 1000):
     """The rows of `ds` in order, as Arrow record batches, holding at most about one batch in memory.
+
+    A `StreamedCorpus` is read through fsspec file objects, a batch at a time, with no local copy.
 
     A plain dataset is read from its Arrow files with ordinary reads rather than through datasets' memory map:
     mapped pages stay in the process's resident memory once touched, so a pass over a corpus larger than memory
     would look (and, under a memory limit, count) as if it held the whole corpus.
     """
+    if isinstance(ds, StreamedCorpus):
+        for table in ds.iter_batches(batch_rows):
+            yield from table.combine_chunks().to_batches()
+        return
     files = [f["filename"] for f in ds.cache_files]
     if ds._indices is None and files and all(_stream_columns(f) == ds.data.column_names for f in files):
         for path in files:
@@ -532,3 +605,298 @@ def _stream_columns(path: str) -> Optional[list[str]]:
 
 def arrow_type_for_ids(ids: list) -> pa.DataType:
     return pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()
+
+
+def read_rows(ds, first: int, last: int, columns: list[str]) -> pa.Table:
+    """Rows [first, last) of these columns; a streamed corpus reads only the files (or row groups) that hold them."""
+    if isinstance(ds, StreamedCorpus):
+        return ds.rows(first, last, columns)
+    return ds.select_columns(columns).with_format("arrow")[first:last]
+
+
+def read_files(ds, source: str, split: str, name: Optional[str]) -> Optional[list[str]]:
+    """The files `ds` was read from: resolved local paths, the URLs of a streamed corpus, None for a hub dataset."""
+    if isinstance(ds, StreamedCorpus):
+        return ds.urls
+    return corpus_files(source, split, name)
+
+
+def corpus_license(ds) -> Optional[str]:
+    return None if isinstance(ds, StreamedCorpus) else (ds.info.license or None)
+
+
+# ---- Remote corpora, read as streams -------------------------------------------------------------------------------
+# A source given as an fsspec URL (s3://, gs://, hf://datasets/..., https://...) is never handed to datasets, which
+# would copy it into its Arrow cache first. Its files are listed with fsspec and their rows read through fsspec file
+# objects a batch at a time, so nothing of the corpus is written to disk.
+
+STREAMED_BUILDERS = ("json", "parquet", "csv")
+SCAN_BATCH_ROWS = 10_000  # rows parsed at a time by the scan; a jsonl shard read starts at one of these batches
+
+
+def is_remote(source: str) -> bool:
+    """Whether `source` is a URL of a non-local fsspec filesystem (read streamed) rather than a path or a hub name."""
+    return "://" in source and fsspec.utils.get_protocol(source) not in ("file", "local")
+
+
+def open_corpus(source: str, split: str = "train", name: Optional[str] = None, scan: Optional[dict] = None):
+    """A remote URL as a `StreamedCorpus` (with `scan`, the row counts a driver recorded); anything else as `load_corpus`."""
+    if is_remote(source):
+        return StreamedCorpus(source, scan)
+    return load_corpus(source, split, name)
+
+
+class StreamedCorpus:
+    """The data files under a remote URL, in sorted order, read as one table of rows without a local copy.
+
+    Listing the files and reading their schema is cheap (parquet: the footer; jsonl/csv: the first lines). Row
+    counts need one streamed pass (`scan`) except for parquet, whose footers hold them; the pass also counts blank
+    texts and collects the ids, and its record (`scan_record`) lets another process open the corpus without it.
+    """
+
+    def __init__(self, source: str, scan: Optional[dict] = None):
+        self.source = source
+        with _remote_errors(source):
+            self.fs, path = fsspec.core.url_to_fs(source)
+            infos = _remote_listing(self.fs, path)
+        files = sorted(p for p, info in infos.items() if info.get("type", "file") == "file" and _extension(p) in BUILDER_BY_EXTENSION)
+        if not files and not infos:  # s3fs lists a missing bucket as empty: say which part of the URL is missing
+            _check_base_exists(self.fs, path, source)
+        if not files:
+            raise RefineError(f"corpus {source!r} matches no data files; give a URL of {', '.join(STREAMED_BUILDERS)} "
+                              "files, a folder holding them, or a glob such as s3://bucket/prefix/*.jsonl")
+        if not glob.has_magic(path) and self.fs.isdir(path):
+            files = _majority_type(files)
+        self.builder = _builder(files, source)
+        if self.builder not in STREAMED_BUILDERS:
+            raise RefineError(f"a remote corpus is read as a stream of {', '.join(STREAMED_BUILDERS)} files, not "
+                              f"{self.builder}; convert it, or copy it to local disk")
+        self.files = files
+        self.urls = [self.fs.unstrip_protocol(p) for p in files]
+        self.file_facts = [_remote_file_facts(p, infos[p]) for p in files]
+        self.schema = self._read_schema()
+        self.rows_per_file = scan["rows_per_file"] if scan else (self._footer_rows() if self.builder == "parquet" else None)
+        self.n_blank = scan["n_blank"] if scan else None
+        # per jsonl file, (row, byte offset) where each scanned batch starts: a shard's read seeks to the one before it
+        self.checkpoints = scan.get("checkpoints") if scan else None
+        self.ids = None  # the id column, once `scan` has read it
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.schema.names
+
+    def __len__(self) -> int:
+        if self.rows_per_file is None:
+            raise RuntimeError("a streamed jsonl/csv corpus has no row count before scan()")
+        return sum(self.rows_per_file)
+
+    def scan(self, text_column: str, id_column: Optional[str]) -> None:
+        """One streamed pass over the text (and id) column: rows per file, blank texts, ids, UTF-8 validity."""
+        columns = [text_column] + ([id_column] if id_column else [])
+        rows_per_file, n_blank, ids, self.checkpoints = [], 0, [], []
+        for path in self.files:
+            n_rows, checkpoints = 0, ([] if self.builder == "json" and not _is_compressed(path) else None)
+            self.checkpoints.append(checkpoints)
+            for _, table in self._file_tables(path, columns, batch_rows=SCAN_BATCH_ROWS, checkpoints=checkpoints):
+                n_rows += table.num_rows
+                text = table.column(text_column)
+                try:
+                    text.validate(full=True)
+                except pa.ArrowInvalid:
+                    raise RefineError(f"column {text_column!r} of {self.source!r} holds bytes that are not valid UTF-8; "
+                                      "re-encode the corpus as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+                empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+                n_blank += int(pc.sum(pc.fill_null(empty, True)).as_py() or 0)
+                if id_column:
+                    ids.extend(table.column(id_column).chunks)
+            rows_per_file.append(n_rows)
+        self.rows_per_file, self.n_blank = rows_per_file, n_blank
+        if id_column:
+            try:
+                self.ids = pa.chunked_array(ids) if ids else pa.chunked_array([], type=self.schema.field(id_column).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # one batch read the ids as numbers, another as strings
+                raise RefineError(f"id column {id_column!r} of {self.source!r} mixes types between rows; {ID_FIX}") from None
+
+    def scan_record(self) -> dict:
+        """What `scan` found that another process needs to read shards: JSON-able, per file its row count and (jsonl)
+        where each scanned batch starts, so a task neither rescans the corpus nor reads a file from its start."""
+        return {"rows_per_file": list(self.rows_per_file), "n_blank": self.n_blank, "checkpoints": self.checkpoints}
+
+    def rows(self, first: int, last: int, columns: Optional[list[str]] = None) -> pa.Table:
+        """Rows [first, last) of the concatenated files; only the files (parquet: row groups) that hold them are read."""
+        tables, offset = [], 0
+        for k, (path, n_rows) in enumerate(zip(self.files, self.rows_per_file)):
+            start, stop = first - offset, last - offset  # the wanted rows, counted inside this file
+            offset += n_rows
+            if stop <= 0 or start >= n_rows:
+                continue
+            for table_first, table in self._file_tables(path, columns, skip_rows=start, resume=self._resume_point(k, start)):
+                table_last = table_first + table.num_rows
+                if table_last > start:
+                    lo, hi = max(start, table_first), min(stop, table_last)
+                    tables.append(table.slice(lo - table_first, hi - lo))
+                if table_last >= stop:
+                    break
+        return _concat(tables, self.schema, columns)
+
+    def iter_batches(self, batch_rows: int = 1000):
+        """Every row, in order, as Arrow tables of at most `batch_rows` rows."""
+        for path in self.files:
+            for _, table in self._file_tables(path, None, batch_rows=batch_rows):
+                yield _conform(table, self.schema)
+
+    def _resume_point(self, file_index: int, row: int) -> tuple[int, int]:
+        """The last scanned (row, byte offset) at or before `row` of a jsonl file; (0, 0) when there is none."""
+        found = (0, 0)
+        for checkpoint in (self.checkpoints[file_index] if self.checkpoints else None) or []:
+            if checkpoint[0] > row:
+                break
+            found = tuple(checkpoint)
+        return found
+
+    def _file_tables(self, path: str, columns: Optional[list[str]], skip_rows: int = 0, batch_rows: int = 10_000,
+                     resume: tuple[int, int] = (0, 0), checkpoints: Optional[list] = None):
+        """(first row, table) pairs of one file's rows, from about row `skip_rows` on: parquet skips the row groups
+        before it unread, jsonl starts at `resume` (a scanned (row, byte offset)), csv reads from the file's start."""
+        with _remote_errors(self.source, path, self.builder):
+            with self.fs.open(path, "rb", compression="infer") as f:
+                if self.builder == "parquet":
+                    yield from _parquet_tables(f, columns, skip_rows, batch_rows)
+                elif self.builder == "json":
+                    yield from _jsonl_tables(f, columns, batch_rows, resume, checkpoints)
+                else:
+                    yield from _csv_tables(f, columns, batch_rows)
+
+    def _read_schema(self) -> pa.Schema:
+        with _remote_errors(self.source, self.files[0], self.builder):
+            if self.builder == "parquet":
+                with self.fs.open(self.files[0], "rb") as f:
+                    return pq.ParquetFile(f).schema_arrow
+            for _, table in self._file_tables(self.files[0], None, batch_rows=100):
+                return table.schema
+        return pa.schema([])
+
+    def _footer_rows(self) -> list[int]:
+        counts = []
+        for path in self.files:
+            with _remote_errors(self.source, path, self.builder), self.fs.open(path, "rb") as f:
+                counts.append(pq.ParquetFile(f).metadata.num_rows)
+        return counts
+
+
+def _remote_listing(fs, path: str) -> dict:
+    if glob.has_magic(path):
+        return fs.glob(path, detail=True)
+    if fs.isfile(path):
+        return {path: fs.info(path)}
+    if fs.isdir(path):
+        return fs.find(path, detail=True)
+    raise FileNotFoundError(f"no file or folder {path}")
+
+
+def _check_base_exists(fs, path: str, source: str) -> None:
+    parts = path.split("/")
+    base = "/".join(parts[:next((k for k, part in enumerate(parts) if glob.has_magic(part)), len(parts))])
+    with _remote_errors(source):
+        exists = fs.exists(base)
+    if not exists:
+        raise RefineError(f"could not open corpus {source!r} (no bucket, repo or folder {base!r}); check the URL, that "
+                          "the bucket or repo exists, and your credentials")
+
+
+def _remote_file_facts(path: str, info: dict) -> dict:
+    """Name, size and a version tag that changes with the content: the S3/HTTP ETag, the Hub's LFS sha256 or git blob id."""
+    lfs = info.get("lfs") or {}
+    version = info.get("ETag") or info.get("etag") or lfs.get("sha256") or info.get("blob_id") or info.get("mtime") or info.get("LastModified")
+    return {"path": path, "bytes": info.get("size"), "version": str(version) if version is not None else None}
+
+
+def _parquet_tables(f, columns, skip_rows: int, batch_rows: int):
+    parquet = pq.ParquetFile(f)
+    first = 0
+    for group in range(parquet.num_row_groups):
+        n_rows = parquet.metadata.row_group(group).num_rows
+        if first + n_rows > skip_rows:  # a row group wholly before the wanted rows is never fetched
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+                yield first, pa.Table.from_batches([batch])
+                first += batch.num_rows
+        else:
+            first += n_rows
+
+
+def _jsonl_tables(f, columns, batch_rows: int, resume: tuple[int, int] = (0, 0), checkpoints: Optional[list] = None):
+    """JSON Lines, parsed a batch of lines at a time by pyarrow's JSON reader (the one datasets' json builder uses),
+    from `resume` = (row, byte offset) on; each batch's (first row, byte offset) is appended to `checkpoints`."""
+    import pyarrow.json as paj
+
+    first, position = resume
+    if position:
+        f.seek(position)
+    lines, batch_start = [], position
+    for line in f:
+        if not lines:
+            batch_start = position
+        position += len(line)
+        if line.strip():  # blank lines hold no row, for pyarrow as for datasets
+            lines.append(line if line.endswith(b"\n") else line + b"\n")
+        if len(lines) == batch_rows:
+            if checkpoints is not None:
+                checkpoints.append([first, batch_start])
+            yield first, _select(paj.read_json(pa.BufferReader(b"".join(lines))), columns)
+            first, lines = first + len(lines), []
+    if lines:
+        if checkpoints is not None:
+            checkpoints.append([first, batch_start])
+        yield first, _select(paj.read_json(pa.BufferReader(b"".join(lines))), columns)
+
+
+def _csv_tables(f, columns, batch_rows: int):
+    import pandas as pd
+
+    first = 0
+    with pd.read_csv(f, chunksize=batch_rows, usecols=columns) as reader:  # the reader datasets' csv builder uses
+        for frame in reader:
+            yield first, pa.Table.from_pandas(frame, preserve_index=False)
+            first += len(frame)
+
+
+def _select(table: pa.Table, columns: Optional[list[str]]) -> pa.Table:
+    return table.select(columns) if columns is not None else table
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the corpus's column types where a batch inferred others (a column null in every row, say)."""
+    if table.schema.equals(schema) or table.schema.names != schema.names:
+        return table
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return table
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema, columns: Optional[list[str]]) -> pa.Table:
+    schema = pa.schema([schema.field(c) for c in columns]) if columns is not None else schema
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([_conform(t, schema) for t in tables], promote_options="default")
+
+
+@contextlib.contextmanager
+def _remote_errors(source: str, file: Optional[str] = None, builder: Optional[str] = None):
+    """What fsspec and the readers raise, as one RefineError naming the URL (or file) and the fix.
+
+    Without `file` (listing, opening) every failure means the URL could not be reached or named nothing: the
+    storage clients raise their own types (botocore's connection errors are not OSErrors).
+    """
+    try:
+        yield
+    except RefineError:
+        raise
+    except UnicodeDecodeError as e:
+        raise RefineError(_undecodable(file or source, e)) from None
+    except Exception as e:
+        if file is None or isinstance(e, (FileNotFoundError, PermissionError, ConnectionError)):
+            raise RefineError(f"could not open corpus {source!r} ({_first_line(e)}); check the URL, that the bucket or "
+                              "repo exists, and your credentials") from None
+        raise RefineError(f"could not read corpus file {file!r} as {builder} ({_first_line(e)}); check that it is whole "
+                          "and in the format its name says") from None

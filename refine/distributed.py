@@ -59,6 +59,14 @@ class World:
             if claimed is not None:
                 claimed.release()
 
+    def share(self, value):
+        """Rank 0's `value` (anything picklable), on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _share(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag

@@ -366,22 +366,26 @@ def open_scored_corpus(source: str, data_spec: dict):
     """The corpus at `source`, refused unless it is the one the scores' manifest (`data_spec`) describes.
 
     Its fingerprint is recomputed the way the recorded one was made (see `corpus.corpus_fingerprint`), so
-    by default no row is read here. The text was checked (UTF-8, columns) when it was scored.
+    by default no row is read here. The text was checked (UTF-8, columns) when it was scored. A remote URL is
+    read as a stream (`corpus.StreamedCorpus`): its files' versions pin its rows, which are counted only as they
+    are read.
     """
-    ds = corpus.load_corpus(source, data_spec["split"], data_spec["name"])
+    ds = corpus.open_corpus(source, data_spec["split"], data_spec["name"])
+    streamed = isinstance(ds, corpus.StreamedCorpus)
     fix = "give the corpus the scores were made from, or rescore"
     missing = [c for c in (data_spec["text_column"], data_spec["id_column"]) if c and c not in ds.column_names]
     if missing:
         raise RefineError(f"corpus {source!r} has no column {missing[0]!r}, which was scored; {fix}")
-    if len(ds) != data_spec["n_rows"]:
+    if not streamed and len(ds) != data_spec["n_rows"]:
         raise RefineError(f"corpus {source!r} has {len(ds)} rows but was scored with {data_spec['n_rows']}; {fix}")
     kind = corpus.fingerprint_kind(data_spec["fingerprint"])
-    files = corpus.corpus_files(source, data_spec["split"], data_spec["name"]) if kind == "files" else None
+    files = corpus.read_files(ds, source, data_spec["split"], data_spec["name"]) if kind == "files" else None
     fingerprint = corpus.corpus_fingerprint(ds, data_spec["text_column"], data_spec["id_column"], files,
                                             full=kind == "content")
     if fingerprint.removeprefix("content:") != data_spec["fingerprint"].removeprefix("content:"):
         what = {"content": "its ids or texts differ", "files": "its files' names, sizes or modification times differ",
-                "info": "its revision or dataset info differs"}[kind]
+                "info": "its revision or dataset info differs",
+                "remote": "its files' URLs, sizes or versions (ETags) differ, or it is not the remote corpus scored"}[kind]
         raise RefineError(f"corpus {source!r} differs from the one that was scored ({kind} fingerprint mismatch: "
                           f"{what}); {fix}")
     return ds

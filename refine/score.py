@@ -123,8 +123,11 @@ class TextProgress:
         self.bar.close()
 
 
-def _text_bytes(ds, text_column: str, ranges) -> int:
-    """UTF-8 bytes of the text in these row ranges, from Arrow's offsets (no text is decoded)."""
+def _text_bytes(ds, text_column: str, ranges) -> Optional[int]:
+    """UTF-8 bytes of the text in these row ranges, from Arrow's offsets (no text is decoded); None for a streamed
+    corpus, whose text is read only shard by shard."""
+    if isinstance(ds, corpus.StreamedCorpus):
+        return None
     table = ds.select_columns([text_column]).with_format("arrow")
     return sum(int(pc.sum(pc.binary_length(table[first:last][text_column])).as_py() or 0) for first, last in ranges)
 
@@ -159,7 +162,7 @@ def score(cfg: ScoreConfig) -> dict:
     with joined_world(cfg.device) as world:
         if world.world_size > 1 and uses_executor(cfg):
             raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
-        setup = prepare(cfg)
+        setup = _prepare_on_every_rank(cfg, world)
         inputs = [cfg.data, cfg.teacher, cfg.reference]
         with world.holding(lambda: claim(cfg.output, "score", inputs, cfg.overwrite, setup.run)):
             if uses_executor(cfg):
@@ -183,8 +186,8 @@ class ScoreSetup:
     """What every task and the driver prepare before any model loads: the corpus, tokenizers and the run's identity."""
 
     started: float
-    ds: Any
-    ids: list
+    ds: Any  # a datasets.Dataset, or a data.StreamedCorpus for a remote URL
+    ids: Optional[list]  # None: a task of a streamed corpus reads each shard's ids with its rows
     id_type: pa.DataType
     n_blank: int
     run: dict
@@ -192,20 +195,25 @@ class ScoreSetup:
     ref_tokenizer: Any  # None when the reference reads the teacher's tokens
     start_id: int
     ref_start_id: int
+    scan: Optional[dict] = None  # a streamed corpus's row counts, so tasks need not read it all again
 
     @property
     def tag(self) -> str:
         return content_tag(self.run)
 
 
-def prepare(cfg: ScoreConfig) -> ScoreSetup:
-    """Read the corpus and tokenizers and define the run (what `claim` compares a resumed output by). No model loads."""
+def prepare(cfg: ScoreConfig, scan: Optional[dict] = None) -> ScoreSetup:
+    """Read the corpus and tokenizers and define the run (what `claim` compares a resumed output by). No model loads.
+
+    A remote corpus is streamed: checking it reads it once (rows, blanks, ids), unless `scan` brings what the
+    driver's pass found.
+    """
     started = time.time()
-    ds = corpus.load_corpus(cfg.data, cfg.split, cfg.name)
+    ds = corpus.open_corpus(cfg.data, cfg.split, cfg.name, scan)
     corpus.check_columns(ds, cfg.text_column, cfg.id_column, cfg.data)
     ids = corpus.document_ids(ds, cfg.id_column)
-    id_type = pa.string() if cfg.unit == "chunk" else corpus.arrow_type_for_ids(ids)
-    fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column, corpus.corpus_files(cfg.data, cfg.split, cfg.name), cfg.full_fingerprint)
+    id_type = pa.string() if cfg.unit == "chunk" else corpus.id_type(ds, ids, cfg.id_column)
+    fingerprint = corpus.corpus_fingerprint(ds, cfg.text_column, cfg.id_column, corpus.read_files(ds, cfg.data, cfg.split, cfg.name), cfg.full_fingerprint)
     n_rows, n_blank = len(ds), corpus.count_blank(ds, cfg.text_column)
     if n_blank == n_rows:
         raise RefineError(f"all {n_rows} documents of {cfg.data!r} are empty or whitespace-only; give a corpus with text")
@@ -237,7 +245,16 @@ def prepare(cfg: ScoreConfig) -> ScoreSetup:
         run["reference_tokenizer"] = {"fingerprint": models.tokenizer_fingerprint(ref_tokenizer),
                                       "vocab_size": len(ref_tokenizer), "start_token_id": ref_start_id}
     return ScoreSetup(started, ds, ids, id_type, n_blank, run, tokenizer, None if same_tokenizer else ref_tokenizer,
-                      start_id, ref_start_id)
+                      start_id, ref_start_id, ds.scan_record() if isinstance(ds, corpus.StreamedCorpus) else None)
+
+
+def _prepare_on_every_rank(cfg: ScoreConfig, world: World) -> ScoreSetup:
+    """Each rank's setup. A streamed corpus is read through once, by rank 0; the other ranks open it from its record."""
+    if world.world_size == 1 or not corpus.is_remote(cfg.data):
+        return prepare(cfg)
+    setup = world.on_main(lambda: prepare(cfg))
+    scan = world.share(setup.scan if setup is not None else None)
+    return setup if setup is not None else prepare(cfg, scan)
 
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int, int]]:
@@ -268,8 +285,8 @@ def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
                   if not shard_path(output, setup.tag, first, last).exists()}
     engine.forget_completions(logging_dir, sorted(unfinished))
     record = logging_dir / MODELS_RECORD
-    engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag),
-                     logging_dir)
+    engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag,
+                                            scan=setup.scan), logging_dir)
     remove_temp_files(output)  # half-written shards of tasks that were killed and run again
     try:
         return json.loads(record.read_text())
@@ -302,15 +319,16 @@ def _model_identities(cfg: ScoreConfig, teacher, reference) -> dict:
 
 def score_task(cfg: ScoreConfig, task: int, n_tasks: int, setup: Optional[ScoreSetup] = None,
                world: Optional[World] = None, show_progress: bool = False, models_record: Optional[str] = None,
-               expected_tag: Optional[str] = None) -> dict:
+               expected_tag: Optional[str] = None, scan: Optional[dict] = None) -> dict:
     """Score the shards of task `task` of `n_tasks` that are not on disk yet; write each one atomically.
 
     The one scoring path: each torchrun rank, each datatrove task and a plain single run call it. It never
     claims the output (the driver did) and writes no manifest. The models load only if a shard is missing;
     then their identities are returned (and written to `models_record`, if given, for the driver's manifest).
-    `expected_tag` is the run the driver claimed the output for; a task that finds another one stops.
+    `expected_tag` is the run the driver claimed the output for; a task that finds another one stops. `scan` is
+    the driver's record of a streamed corpus's rows (see `prepare`).
     """
-    setup = setup or prepare(cfg)
+    setup = setup or prepare(cfg, scan)
     if expected_tag is not None and setup.tag != expected_tag:
         raise RefineError(f"task {task} found another corpus, tokenizer or settings than the run it belongs to "
                           f"(was {cfg.data!r} or a model changed while it was queued?); restore them and rerun the same command")
@@ -330,26 +348,31 @@ def score_task(cfg: ScoreConfig, task: int, n_tasks: int, setup: Optional[ScoreS
     progress = TextProgress(tqdm(total=_text_bytes(ds, cfg.text_column, [(f, l) for _, f, l in todo]), unit="B",
                                  unit_scale=True, desc="scoring", dynamic_ncols=True, disable=not show_progress))
 
+    read_ids = ids is None  # a streamed corpus's task: each shard's ids come with its rows
+    columns = [cfg.text_column] + ([cfg.id_column] if read_ids else [])
+
     def tokenize_shard(first: int, last: int):
-        texts = ds[first:last][cfg.text_column]
+        shard = corpus.read_rows(ds, first, last, columns)
+        texts = shard.column(cfg.text_column).to_pylist()
+        shard_ids = shard.column(cfg.id_column).to_pylist() if read_ids else ids[first:last]
         rows = [i for i, text in enumerate(texts) if not corpus.is_blank(text)]
         kept = [texts[i] for i in rows]
+        n_bytes = [len(t.encode("utf-8", "surrogatepass")) for t in kept]
+        shard_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if t is not None)
         token_ids = tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]
-        if same_tokenizer:
-            return rows, (token_ids, token_ids, [len(t.encode("utf-8", "surrogatepass")) for t in kept])
-        ref_ids = ref_tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]
-        return rows, (token_ids, ref_ids, [len(t.encode("utf-8", "surrogatepass")) for t in kept])
+        ref_ids = token_ids if same_tokenizer else ref_tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]
+        return [shard_ids[i] for i in rows], shard_bytes, (token_ids, ref_ids, n_bytes)
 
     # Tokenize the next shard in a thread while the models read the current one (fast tokenizers drop the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(tokenize_shard, *todo[0][1:])
         for position, (k, first, last) in enumerate(todo):
-            rows, (token_ids, ref_ids, n_bytes) = pending.result()
+            doc_ids, shard_bytes, (token_ids, ref_ids, n_bytes) = pending.result()
             if position + 1 < len(todo):
                 pending = pool.submit(tokenize_shard, *todo[position + 1][1:])
-            progress.start_shard(_text_bytes(ds, cfg.text_column, [(first, last)]))
+            progress.start_shard(shard_bytes)
             if cfg.unit == "document":
-                table = _score_documents([ids[first + i] for i in rows], token_ids, start_id, teacher, reference,
+                table = _score_documents(doc_ids, token_ids, start_id, teacher, reference,
                                          cfg, budget, progress, id_type, n_bytes, normalize,
                                          None if same_tokenizer else (ref_ids, ref_start_id))
             else:
@@ -380,7 +403,7 @@ def finish(cfg: ScoreConfig, setup: ScoreSetup, identities: Optional[dict], n_pr
         **identities,
         "data": {
             "source": corpus.resolved_source(cfg.data),  # absolute for a local path: a rerun may start elsewhere
-            "files": corpus.corpus_files(cfg.data, cfg.split, cfg.name),  # what was read, resolved; None for the Hub
+            "files": corpus.read_files(ds, cfg.data, cfg.split, cfg.name),  # what was read, resolved; None for the Hub
             "split": cfg.split,
             "name": cfg.name,
             "text_column": cfg.text_column,
@@ -388,7 +411,7 @@ def finish(cfg: ScoreConfig, setup: ScoreSetup, identities: Optional[dict], n_pr
             "fingerprint": run["data_fingerprint"],
             "n_rows": n_rows,
             "n_blank_skipped": setup.n_blank,
-            "license": ds.info.license or None,
+            "license": corpus.corpus_license(ds),
         },
         "data_files": f"{DATA_DIR}/scores-{tag}-*.parquet",
         "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),

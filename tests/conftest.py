@@ -132,3 +132,47 @@ def pretrain_until_crash(cfg, monkeypatch, after_step: int) -> None:
     with pytest.raises(SimulatedCrash):
         stage.pretrain(cfg)
     monkeypatch.setattr(stage, "save_checkpoint", save)
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 API (moto in server mode) on loopback, with a bucket `corpora`; s3fs (in this process and in
+    subprocesses) and boto3 are pointed at it. Yields its endpoint URL."""
+    import socket
+
+    import boto3
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})  # read from the env only at import
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="corpora")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hub_endpoint(tmp_path, monkeypatch):
+    """The Hub stand-in (tests/hub_server.py) serving repos from tmp_path/'hub'/<owner>/<name>/<revision>/, with
+    huggingface_hub pointed at it (HF_ENDPOINT for subprocesses; its constants for this process). Yields the stand-in."""
+    from huggingface_hub import HfFileSystem, constants
+
+    from hub_server import HubStandIn
+
+    with HubStandIn(tmp_path / "hub") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        HfFileSystem.clear_instance_cache()  # an instance made for another endpoint would be reused
+        yield hub
+        HfFileSystem.clear_instance_cache()

@@ -268,3 +268,133 @@ def test_a_folder_card_with_several_configs_needs_a_name(tmp_path):
         load_corpus(str(folder))
     assert load_corpus(str(folder), name="b")["text"] == ["from b"]
     assert corpus_files(str(folder), name="b") == [str(chosen.resolve())]
+
+
+# ---- remote corpora, streamed -----------------------------------------------------------------------------------
+
+STREAM_ROWS = [{"text": t, "doc": f"d{k}", "n": k} for k, t in enumerate(
+    ["alpha beta", "", "gamma", "  ", "delta epsilon", "zeta", "eta theta iota", "kappa", "lambda mu", "nu"])]
+
+
+def write_parts(fs, folder: str, extension: str, rows=STREAM_ROWS, sizes=(4, 3, 3)) -> None:
+    """`rows` as consecutive files part-0, part-1, ... of `sizes` rows each, in one format, through fsspec."""
+    fs.makedirs(folder, exist_ok=True)
+    frame, first = pd.DataFrame(rows), 0
+    for k, size in enumerate(sizes):
+        part = frame.iloc[first:first + size]
+        first += size
+        with fs.open(f"{folder}/part-{k}.{extension}", "wb") as f:
+            if extension == "jsonl":
+                f.write(part.to_json(orient="records", lines=True).encode())
+            elif extension == "parquet":
+                part.to_parquet(f, index=False, row_group_size=2)  # small row groups: reads skip whole ones
+            else:
+                f.write(part.to_csv(index=False).encode())
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "parquet", "csv"])
+def test_a_streamed_corpus_reads_the_rows_of_its_local_copy(tmp_path, extension):
+    import fsspec
+
+    from refine.data import StreamedCorpus, iter_arrow_batches, open_corpus, read_rows
+
+    remote = f"memory://{tmp_path.name}/{extension}"
+    write_parts(fsspec.filesystem("memory"), remote, extension)
+    write_parts(fsspec.filesystem("file"), str(tmp_path / "local"), extension)
+    local = load_corpus(str(tmp_path / "local"))
+    streamed = open_corpus(f"{remote}/*.{extension}")
+    assert isinstance(streamed, StreamedCorpus) and streamed.column_names == local.column_names
+    check_columns(streamed, "text", "doc", remote)  # the one pass: rows, blanks, ids
+    assert len(streamed) == len(local) == 10 and streamed.rows_per_file == [4, 3, 3]
+    assert count_blank(streamed, "text") == count_blank(local, "text")
+    assert document_ids(streamed, "doc") == document_ids(local, "doc")
+    every = local.to_list()
+    for first, last in [(0, 10), (0, 3), (3, 8), (5, 6), (7, 10), (4, 4)]:
+        assert read_rows(streamed, first, last, ["text", "doc"]).to_pylist() == [
+            {"text": r["text"], "doc": r["doc"]} for r in every[first:last]], (first, last)
+    assert [r for b in iter_arrow_batches(streamed, 3) for r in b.to_pylist()] == every
+    assert corpus_fingerprint(streamed, "text", "doc", full=True) == corpus_fingerprint(local, "text", "doc", full=True)
+
+
+def test_a_task_opens_a_streamed_corpus_from_the_driver_s_scan_without_reading_it(tmp_path, monkeypatch):
+    import fsspec
+
+    import refine.data
+    from refine.data import open_corpus, read_rows
+
+    monkeypatch.setattr(refine.data, "SCAN_BATCH_ROWS", 2)  # a checkpoint every 2 rows
+    fs, remote = fsspec.filesystem("memory"), f"memory://{tmp_path.name}"
+    write_parts(fs, remote, "jsonl", sizes=(7, 3))
+    driver = open_corpus(remote)  # a folder: every data file in it
+    check_columns(driver, "text", "doc", remote)
+    record = json.loads(json.dumps(driver.scan_record()))  # what travels to the tasks
+    part_0 = fs.cat(f"{remote}/part-0.jsonl")
+    assert [row for row, _ in record["checkpoints"][0]] == [0, 2, 4, 6]
+    assert [json.loads(part_0[offset:].split(b"\n")[0])["n"] for _, offset in record["checkpoints"][0]] == [0, 2, 4, 6]
+    task = open_corpus(remote, scan=record)
+    check_columns(task, "text", "doc", remote)  # schema only: the counts came with the record
+    assert task.ids is None and document_ids(task, "doc") is None and count_blank(task, "text") == 2
+    for first, last in [(2, 9), (5, 6), (6, 10), (0, 1)]:
+        assert read_rows(task, first, last, ["doc"]).column("doc").to_pylist() == [f"d{k}" for k in range(first, last)]
+
+
+def test_the_remote_fingerprint_follows_file_versions_and_reads_no_rows(tmp_path):
+    import fsspec
+
+    from refine.data import open_corpus
+
+    fs, remote = fsspec.filesystem("memory"), f"memory://{tmp_path.name}"
+    write_parts(fs, remote, "jsonl")
+    first = corpus_fingerprint(open_corpus(remote), "text", None)
+    assert fingerprint_kind(first) == "remote" and first == corpus_fingerprint(open_corpus(remote), "text", None)
+    with fs.open(f"{remote}/part-2.jsonl", "wb") as f:  # same rows count, other text and size
+        f.write(b'{"text": "changed", "doc": "d7", "n": 7}\n')
+    assert corpus_fingerprint(open_corpus(remote), "text", None) != first
+
+
+def test_remote_sources_that_cannot_be_read_are_one_line_errors(tmp_path, s3_endpoint, hub_endpoint):
+    import fsspec
+
+    from refine.data import open_corpus
+
+    with pytest.raises(RefineError, match=r"could not open corpus 's3://no-such-bucket/.*check the URL, that the bucket"):
+        open_corpus("s3://no-such-bucket/c/*.jsonl")
+    with pytest.raises(RefineError, match=r"could not open corpus .*no bucket, repo or folder 'corpora/empty'"):
+        open_corpus("s3://corpora/empty/*.jsonl")
+    with fsspec.open("s3://corpora/notes/readme.md", "w") as f:
+        f.write("not data")
+    with pytest.raises(RefineError, match=r"matches no data files"):
+        open_corpus("s3://corpora/notes/*.jsonl")
+    with pytest.raises(RefineError, match=r"could not open corpus 'hf://datasets/someone/missing.*repo exists"):
+        open_corpus("hf://datasets/someone/missing/data/*.parquet")
+    with fsspec.open(f"memory://{tmp_path.name}/a.txt", "w") as f:
+        f.write("text lines\n")
+    with pytest.raises(RefineError, match=r"read as a stream of json, parquet, csv files, not text"):
+        open_corpus(f"memory://{tmp_path.name}/a.txt")
+    with fsspec.open(f"memory://{tmp_path.name}/bad/a.jsonl", "w") as f:
+        f.write('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(RefineError, match=r"could not read corpus file .*a.jsonl' as json"):
+        check_columns(open_corpus(f"memory://{tmp_path.name}/bad/a.jsonl"), "text", None, "x")
+    with pytest.raises(RefineError, match="cannot read the remote corpus"):
+        load_corpus("s3://corpora/c/*.jsonl")  # stages that do not stream refuse a URL rather than copy it
+    with pytest.raises(RefineError, match="cannot read the remote corpus"):
+        corpus_files("s3://corpora/c/*.jsonl")
+
+
+def test_s3_files_are_fingerprinted_by_their_etags_and_compressed_jsonl_streams(tmp_path, s3_endpoint):
+    import gzip
+
+    import boto3
+    import fsspec
+
+    from refine.data import open_corpus
+
+    with fsspec.open("s3://corpora/gz/a.jsonl.gz", "wb") as f:
+        f.write(gzip.compress(b'{"text": "one"}\n{"text": "two"}\n'))
+    streamed = open_corpus("s3://corpora/gz/*.jsonl.gz")
+    check_columns(streamed, "text", None, "s3://corpora/gz")
+    assert [r["text"] for b in streamed.iter_batches() for r in b.to_pylist()] == ["one", "two"]
+    etag = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket="corpora", Key="gz/a.jsonl.gz")["ETag"]
+    assert streamed.file_facts == [{"path": "corpora/gz/a.jsonl.gz", "bytes": streamed.fs.size("corpora/gz/a.jsonl.gz"),
+                                    "version": etag}]
+    assert streamed.scan_record()["checkpoints"] == [None]  # a compressed file is read from its start

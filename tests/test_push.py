@@ -88,39 +88,20 @@ def test_push_refuses_a_folder_that_is_not_refined(tmp_path):
     assert result.stderr.strip().startswith("error:") and "not a finished `refine sample` output" in result.stderr
 
 
-def test_push_to_s3_compatible_server(tmp_path, refined, monkeypatch):
+def test_push_to_s3_compatible_server(refined, s3_endpoint):
     """A real S3 API (moto in server mode) on loopback, reached through fsspec/s3fs."""
-    import socket
+    import s3fs
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "FSSPEC_S3_ENDPOINT_URL": endpoint}
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="corpora")
-        run(["push", refined, "s3://corpora/refined/v1"], env=env)
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        local = sorted(str(p.relative_to(refined)) for p in refined.rglob("*") if p.is_file())
-        remote = sorted(p.removeprefix("corpora/refined/v1/") for p in fs.find("corpora/refined/v1"))
-        assert remote == local
-        for name in local:
-            assert fs.cat(f"corpora/refined/v1/{name}") == (refined / name).read_bytes()
-        rows = datasets.load_dataset("parquet", data_files="s3://corpora/refined/v1/data/*.parquet", split="train",
-                                     storage_options={"endpoint_url": endpoint})
-        assert rows.num_rows == 15
-    finally:
-        server.stop()
+    run(["push", refined, "s3://corpora/refined/v1"])
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    local = sorted(str(p.relative_to(refined)) for p in refined.rglob("*") if p.is_file())
+    remote = sorted(p.removeprefix("corpora/refined/v1/") for p in fs.find("corpora/refined/v1"))
+    assert remote == local
+    for name in local:
+        assert fs.cat(f"corpora/refined/v1/{name}") == (refined / name).read_bytes()
+    rows = datasets.load_dataset("parquet", data_files="s3://corpora/refined/v1/data/*.parquet", split="train",
+                                 storage_options={"endpoint_url": s3_endpoint})
+    assert rows.num_rows == 15
 
 
 @pytest.mark.parametrize("target, env, message", [

@@ -332,3 +332,68 @@ def test_bad_selection_options_are_one_line_errors(tiny_run, tmp_path, flags, fr
     result = CliRunner().invoke(app, ["sample", str(tiny_run / "scores"), "--output", str(tmp_path / "out"), *flags])
     assert result.exit_code == 2 and fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+def isolated_caches(tmp_path, monkeypatch):
+    """Point datasets' cache and Python's temp folder at empty folders, to see what a run leaves on disk."""
+    import tempfile
+
+    cache, temp = tmp_path / "hf-cache", tmp_path / "tmp"
+    cache.mkdir()
+    temp.mkdir()
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")  # read from the env only at import
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return cache, temp
+
+
+def files_under(folder):
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def score_and_sample(data, output, teacher_dir, reference_dir, **score_options):
+    from refine.config import ScoreConfig
+    from refine.score import score
+
+    manifest = score(ScoreConfig(data=data, teacher=str(teacher_dir), reference=str(reference_dir), max_length=16,
+                                 shard_size=3, output=str(output / "scores"), **score_options))
+    sample(SampleConfig(scores=str(output / "scores"), output=str(output / "refined"), alpha=0.5))
+    shards = sorted((output / "scores" / "data").glob("*.parquet"))
+    scores = pa.concat_tables(pq.read_table(p).replace_schema_metadata(None) for p in shards)
+    refined = pa.concat_tables(pq.read_table(p) for p in sorted((output / "refined" / "data").glob("*.parquet")))
+    return manifest, [p.name.rsplit("-", 2)[1:] for p in shards], scores, refined
+
+
+@pytest.mark.parametrize("extension, id_column", [("jsonl", None), ("parquet", "doc")])
+def test_a_corpus_on_s3_is_scored_and_sampled_as_a_stream_like_its_local_copy(
+        tmp_path, monkeypatch, teacher_dir, reference_dir, s3_endpoint, extension, id_column):
+    import fsspec
+
+    from conftest import CORPUS
+    from test_data import write_parts
+
+    rows = [{"text": text, "doc": f"doc-{k}"} for k, text in enumerate(CORPUS)]
+    write_parts(fsspec.filesystem("s3"), "corpora/c", extension, rows)
+    write_parts(fsspec.filesystem("file"), str(tmp_path / "local"), extension, rows)
+    cache, temp = isolated_caches(tmp_path, monkeypatch)
+    # two datatrove tasks in this process: each opens the corpus from the driver's scan record
+    remote = score_and_sample(f"s3://corpora/c/*.{extension}", tmp_path / "remote", teacher_dir, reference_dir,
+                              id_column=id_column, tasks=2, workers=1)
+    assert files_under(cache) == [] and files_under(temp) == []  # nothing of the corpus was copied to disk
+    local = score_and_sample(str(tmp_path / "local"), tmp_path / "from-local", teacher_dir, reference_dir,
+                             id_column=id_column)
+    assert files_under(cache / "datasets")  # the check above can fail: a local folder goes through datasets' cache
+
+    (remote_manifest, remote_shards, remote_scores, remote_refined) = remote
+    (local_manifest, local_shards, local_scores, local_refined) = local
+    assert remote_shards == local_shards == [["000000000000", "000000000003.parquet"], ["000000000003", "000000000006.parquet"],
+                                             ["000000000006", "000000000009.parquet"], ["000000000009", "000000000010.parquet"]]
+    pd.testing.assert_frame_equal(remote_scores.to_pandas(), local_scores.to_pandas())
+    assert remote_refined.to_pylist() == local_refined.to_pylist() and remote_refined.num_rows == 4
+    data = remote_manifest["data"]
+    assert data["files"] == [f"s3://corpora/c/part-{k}.{extension}" for k in range(3)]
+    assert data["fingerprint"].startswith("remote:") and data["n_rows"] == 10
+    assert data["n_blank_skipped"] == local_manifest["data"]["n_blank_skipped"] == 2
+    # the same rows from another place are not the corpus that was scored, unless --full-fingerprint said so
+    with pytest.raises(RefineError, match="files fingerprint mismatch"):
+        sample(SampleConfig(scores=str(tmp_path / "from-local" / "scores"), data=f"s3://corpora/c/*.{extension}",
+                            output=str(tmp_path / "mixed"), alpha=0.5))

@@ -122,3 +122,36 @@ def test_teacher_as_its_own_reference_is_refused(tmp_path, teacher_dir, corpus_f
         with pytest.raises(RefineError, match="same model"):
             run_score(corpus_file, teacher_dir, reference, tmp_path / "scores")
     assert not (tmp_path / "scores").exists()  # refused before the output was claimed
+
+
+def test_a_hub_dataset_url_is_scored_as_a_stream_like_its_local_copy(tmp_path, monkeypatch, teacher_dir, reference_dir,
+                                                                     hub_endpoint):
+    import fsspec
+
+    from test_data import write_parts
+    from test_sample import files_under, isolated_caches
+
+    rows = [{"text": text, "doc": f"doc-{k}"} for k, text in enumerate(CORPUS)]
+    write_parts(fsspec.filesystem("file"), str(tmp_path / "hub" / "someone" / "corpus" / "main" / "data"), "parquet", rows)
+    shutil.copytree(tmp_path / "hub" / "someone" / "corpus" / "main" / "data", tmp_path / "local")
+    cache, temp = isolated_caches(tmp_path, monkeypatch)
+    remote = run_score("hf://datasets/someone/corpus/data/*.parquet", teacher_dir, reference_dir, tmp_path / "remote",
+                       id_column="doc", shard_size=3)
+    assert files_under(cache) == [] and files_under(temp) == []
+    assert remote["data"]["files"] == [f"hf://datasets/someone/corpus/data/part-{k}.parquet" for k in range(3)]
+    assert any(r["range"] for r in hub_endpoint.requests if "/resolve/" in r["path"])  # read in byte ranges
+    run_score(tmp_path / "local", teacher_dir, reference_dir, tmp_path / "local-scores", id_column="doc", shard_size=3)
+    assert read_scores(tmp_path / "remote").equals(read_scores(tmp_path / "local-scores"))
+
+
+def test_a_missing_bucket_is_a_one_line_error(tmp_path, teacher_dir, reference_dir, s3_endpoint):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "refine", "score", "s3://no-such-bucket/corpus/*.jsonl", "--teacher",
+                             str(teacher_dir), "--reference", str(reference_dir), "--output", str(tmp_path / "scores")],
+                            capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: could not open corpus 's3://no-such-bucket/corpus/*.jsonl'")
+    assert len(result.stderr.strip().splitlines()) == 1 and "check the URL" in result.stderr

@@ -75,6 +75,25 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, long_corpus, 
 
 
 @pytest.mark.slow
+def test_two_gloo_processes_stream_an_s3_corpus_like_one_local_run(tmp_path, models, long_corpus, uninterrupted,
+                                                                   s3_endpoint):
+    import fsspec
+
+    fsspec.filesystem("s3").put(str(long_corpus), "corpora/long/corpus.jsonl")
+    output = tmp_path / "scores"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(score_command("s3://corpora/long/*.jsonl", *models, output, "--nproc", "2", "--device", "cpu"),
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["data"]["fingerprint"].startswith("remote:")
+    two = read(output)
+    assert two[["id", "n_tokens"]].equals(uninterrupted[["id", "n_tokens"]])
+    for column in ("teacher_logprob", "ref_logprob", "score"):
+        assert (two[column] - uninterrupted[column]).abs().max() < 1e-6
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path, models, long_corpus, uninterrupted):
     output = tmp_path / "scores"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
