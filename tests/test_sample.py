@@ -332,6 +332,8 @@ def test_bad_selection_options_are_one_line_errors(tiny_run, tmp_path, flags, fr
     result = CliRunner().invoke(app, ["sample", str(tiny_run / "scores"), "--output", str(tmp_path / "out"), *flags])
     assert result.exit_code == 2 and fragment in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def isolated_caches(tmp_path, monkeypatch):
     """Point datasets' cache and Python's temp folder at empty folders, to see what a run leaves on disk."""
     import tempfile
