@@ -294,6 +294,12 @@ class PretrainConfig(CorpusArgs):
         "tokenizer and held-out split; default: $REFINE_CACHE/tokens or ~/.cache/refine/tokens.",
         result=False
     )
+    tokenize_workers: Optional[int] = option(
+        None,
+        "Processes that tokenise the corpus into the token cache when it is built (each takes parts of 10,000 "
+        "documents); default: every CPU this process may use. The token file is the same whatever the number.",
+        result=False, check=at_least(1),
+    )
     device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.", result=False)
     dtype: str = option("auto", "Autocast dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.",
                         check=one_of("auto", "float32", "bfloat16"))
@@ -388,6 +394,9 @@ class DistillCacheConfig(CorpusArgs):
                                   check=between(0, 1, low_open=True, high_open=True))
     seed: int = option(0, "As in `refine pretrain`: the seed of the held-out split.", check=SEED)
     token_cache: Optional[str] = option(None, "As in `refine pretrain`: where tokenised, packed corpora are kept.")
+    tokenize_workers: Optional[int] = option(None, "As in `refine pretrain`: processes that tokenise the corpus into "
+                                                   "the token cache; default: every CPU this process may use.",
+                                             result=False, check=at_least(1))
     teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     batch_size: int = option(8, "Sequences per teacher forward pass.", result=False, check=at_least(1))
     shard_sequences: int = option(1024, "Packed sequences per cache shard; each finished shard is written atomically.",

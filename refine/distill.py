@@ -154,8 +154,7 @@ def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
-    train_ds, _, selection = packed.load_splits(cfg)
-    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.teacher, world)
+    tokens = packed.token_file(cfg, packed.load_splits(cfg), tokenizer, cfg.teacher, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence")
