@@ -130,7 +130,7 @@ def tokenize_part(job: PackJob, index: int, values: pa.Array) -> dict:
 
 
 def part_values(ds, rows: np.ndarray | None, column: str, part_rows: int):
-    """(part index, number of selected rows, their `column` values as one Arrow array) for each part of `part_rows`
+    """(part index, the `column` values of its selected rows as one Arrow array) for each part of `part_rows`
     corpus rows, in order; `rows` (sorted) selects rows of `ds`, None takes all.
 
     Reads the corpus once with ordinary reads (refine.data.iter_arrow_batches), so its pages do not stay resident.
