@@ -104,7 +104,37 @@ class CorpusArgs(Checked):
 
 
 @dataclass
-class ScoreConfig(CorpusArgs):
+class TaskArgs(Checked):
+    """How a stage's independent tasks run, through datatrove's executors (refine/engine.py); none changes a result."""
+
+    executor: str = option(
+        "local",
+        "Where the tasks run: `local` (processes on this machine), `slurm` (one array job; this command waits for it) "
+        "or `ray` (a Ray cluster: --ray-address, else a local one).",
+        result=False, check=one_of("local", "slurm", "ray"),
+    )
+    tasks: int = option(1, "Independent tasks the shards are dealt to (task t takes shards t, t+N, ...); each loads the "
+                           "model(s) once and can fail and be rerun alone.", result=False, check=at_least(1))
+    workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: all of them.",
+                                    result=False, check=at_least(1))
+    logging_dir: Optional[str] = option(
+        None, "Task logs and completion files (datatrove's logging dir; Slurm logs too); default `.<output name>.tasks` "
+              "beside --output. Must be reachable from every task.", result=False)
+    cpus_per_task: int = option(1, "Slurm/Ray: CPUs reserved per task.", result=False, check=at_least(1))
+    gpus_per_task: int = option(0, "Slurm/Ray: GPUs reserved per task (each task scores on its own GPU).", result=False,
+                                check=at_least(0))
+    mem_per_cpu_gb: float = option(2.0, "Slurm/Ray: memory reserved per CPU, in GB.", result=False, check=positive())
+    slurm_partition: Optional[str] = option(None, "Slurm partition to submit to (needed with --executor slurm).", result=False)
+    slurm_time: str = option("24:00:00", "Slurm time limit of each task (HH:MM:SS or D-HH:MM:SS).", result=False)
+    slurm_env_command: Optional[str] = option(
+        None, "Slurm: shell command run before each task to enter refine's environment, e.g. `source .venv/bin/activate`; "
+              "default: none (the job inherits this shell's environment).", result=False)
+    ray_address: Optional[str] = option(None, "Ray: address of an existing cluster (e.g. `auto` or `10.0.0.1:6379`); "
+                                              "default: start a local one on this machine.", result=False)
+
+
+@dataclass
+class ScoreConfig(TaskArgs, CorpusArgs):
     data: Optional[str] = required(
         "Corpus to score: a hub dataset name, local .jsonl/.json/.parquet/.csv/.txt/.arrow files, a glob, "
         "a directory of such files, or a `save_to_disk` directory; or an fsspec URL of .jsonl/.parquet/.csv files "
@@ -169,31 +199,6 @@ class ScoreConfig(CorpusArgs):
         False, "Fingerprint the corpus by hashing every id and text too (slower: reads the whole corpus). Default: "
         "hash the files read (names, sizes, modification times), the row count and the column names.")
     overwrite: bool = option(False, "Replace an output directory that already holds a result.", result=False)
-    # Tasks run through datatrove's executors (refine/engine.py); none of these changes a score.
-    executor: str = option(
-        "local",
-        "Where the tasks run: `local` (processes on this machine), `slurm` (one array job; this command waits for it) "
-        "or `ray` (a Ray cluster: --ray-address, else a local one).",
-        result=False, check=one_of("local", "slurm", "ray"),
-    )
-    tasks: int = option(1, "Independent tasks the shards are dealt to (task t takes shards t, t+N, ...); each loads the "
-                           "models once and can fail and be rerun alone.", result=False, check=at_least(1))
-    workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: all of them.",
-                                    result=False, check=at_least(1))
-    logging_dir: Optional[str] = option(
-        None, "Task logs and completion files (datatrove's logging dir; Slurm logs too); default `.<output name>.tasks` "
-              "beside --output. Must be reachable from every task.", result=False)
-    cpus_per_task: int = option(1, "Slurm/Ray: CPUs reserved per task.", result=False, check=at_least(1))
-    gpus_per_task: int = option(0, "Slurm/Ray: GPUs reserved per task (each task scores on its own GPU).", result=False,
-                                check=at_least(0))
-    mem_per_cpu_gb: float = option(2.0, "Slurm/Ray: memory reserved per CPU, in GB.", result=False, check=positive())
-    slurm_partition: Optional[str] = option(None, "Slurm partition to submit to (needed with --executor slurm).", result=False)
-    slurm_time: str = option("24:00:00", "Slurm time limit of each task (HH:MM:SS or D-HH:MM:SS).", result=False)
-    slurm_env_command: Optional[str] = option(
-        None, "Slurm: shell command run before each task to enter refine's environment, e.g. `source .venv/bin/activate`; "
-              "default: none (the job inherits this shell's environment).", result=False)
-    ray_address: Optional[str] = option(None, "Ray: address of an existing cluster (e.g. `auto` or `10.0.0.1:6379`); "
-                                              "default: start a local one on this machine.", result=False)
 
 
 @dataclass
@@ -316,6 +321,12 @@ class PretrainConfig(CorpusArgs):
         "tokenizer and held-out split; default: $REFINE_CACHE/tokens or ~/.cache/refine/tokens.",
         result=False
     )
+    tokenize_workers: Optional[int] = option(
+        None,
+        "Processes that tokenise the corpus into the token cache when it is built (each takes parts of 10,000 "
+        "documents); default: every CPU this process may use. The token file is the same whatever the number.",
+        result=False, check=at_least(1),
+    )
     device: str = option("auto", "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.", result=False)
     dtype: str = option("auto", "Autocast dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32` or `bfloat16`.",
                         check=one_of("auto", "float32", "bfloat16"))
@@ -393,7 +404,7 @@ class PlanConfig(Checked):
 
 
 @dataclass
-class DistillCacheConfig(CorpusArgs):
+class DistillCacheConfig(TaskArgs, CorpusArgs):
     data: Optional[str] = required(
         "Training corpus exactly as `refine pretrain` will read it (e.g. a refined directory)."
     )
@@ -410,6 +421,9 @@ class DistillCacheConfig(CorpusArgs):
                                   check=between(0, 1, low_open=True, high_open=True))
     seed: int = option(0, "As in `refine pretrain`: the seed of the held-out split.", check=SEED)
     token_cache: Optional[str] = option(None, "As in `refine pretrain`: where tokenised, packed corpora are kept.")
+    tokenize_workers: Optional[int] = option(None, "As in `refine pretrain`: processes that tokenise the corpus into "
+                                                   "the token cache; default: every CPU this process may use.",
+                                             result=False, check=at_least(1))
     teacher_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher.")
     batch_size: int = option(8, "Sequences per teacher forward pass.", result=False, check=at_least(1))
     shard_sequences: int = option(1024, "Packed sequences per cache shard; each finished shard is written atomically.",
@@ -495,14 +509,15 @@ def _bytes_score_documents(c: ScoreConfig) -> Optional[str]:
         return "--normalize bytes scores whole documents; use --unit document"
 
 
-@rule(ScoreConfig, "executor", "slurm_partition")
-def _slurm_needs_partition(c: ScoreConfig) -> Optional[str]:
+@rule(TaskArgs, "executor", "slurm_partition")
+def _slurm_needs_partition(c: TaskArgs) -> Optional[str]:
     if c.executor == "slurm" and not c.slurm_partition:
         return "--executor slurm needs --slurm-partition; give the partition to submit to"
 
 
 @rule(ScoreConfig, "executor", "tasks", "nproc")
-def _one_launcher(c: ScoreConfig) -> Optional[str]:
+@rule(DistillCacheConfig, "executor", "tasks", "nproc")
+def _one_launcher(c) -> Optional[str]:
     if c.nproc > 1 and (c.executor != "local" or c.tasks > 1):
         return "--nproc (torchrun) and --tasks/--executor both split the work; choose one"
 

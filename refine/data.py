@@ -364,7 +364,9 @@ def check_columns(ds, text_column: str, id_column: Optional[str], source: str) -
     if len(ds) == 0:
         raise RefineError(f"corpus {source!r} is empty; give a corpus with at least one document")
     try:  # some readers (pyarrow's JSON reader) accept invalid UTF-8 and fail only when a row is read
-        ds.data.column(text_column).validate(full=True)
+        # read batch by batch, not through the memory map, whose touched pages would stay resident
+        for batch in iter_arrow_batches(ds, batch_rows=10_000):
+            batch.column(text_column).validate(full=True)
     except pa.ArrowInvalid:
         raise RefineError(
             f"column {text_column!r} of {source!r} holds bytes that are not valid UTF-8; "

@@ -3,7 +3,8 @@
 `refine distill-cache` runs the teacher once over the packed training sequences (the very token file
 `refine pretrain` reads) and stores, for every position that predicts a token, the teacher's K most
 probable token ids and their log-probs (normalised over the whole vocabulary). Shards of
-`--shard-sequences` sequences are written atomically and dealt round-robin to torchrun ranks; a rerun
+`--shard-sequences` sequences are written atomically and dealt round-robin to torchrun ranks or to
+`--tasks` that datatrove runs (refine/engine.py, as for `refine score`); a rerun
 skips finished shards; manifest.json comes last. Bytes per cached token: K x (2 or 4 for the ids: uint16
 when the vocabulary fits) + K x (2 for float16 or 4 for float32 log-probs), e.g. 256 for K = 64 in
 float16 with a vocabulary under 65,536.
@@ -11,20 +12,24 @@ float16 with a vocabulary under 65,536.
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refine import models, packed
+from refine import engine, models, packed
 from refine.config import DistillCacheConfig, result_settings
 from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
 from refine.lm_loss import Teacher, chunk_rows, has_plain_head
-from refine.output import claim, run_info, verify, write_manifest
+from refine.output import claim, run_info, verify, write_json, write_manifest
 
 LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -139,76 +144,170 @@ def validate(cfg: DistillCacheConfig) -> None:
 
 
 def build_cache(cfg: DistillCacheConfig) -> dict:
-    """Write the teacher's top-k cache for every packed training sequence. Returns the manifest (written last)."""
+    """Write the teacher's top-k cache for every packed training sequence. Returns the manifest (written last).
+
+    Under torchrun each rank caches its own shards (round-robin) and rank 0 writes the manifest. With --tasks N or
+    --executor slurm/ray the shards are dealt to N independent tasks that datatrove runs (refine.engine), as
+    `refine score` does; this process builds the token file, claims the output, waits for the tasks and writes
+    the manifest.
+    """
     validate(cfg)
     run = {"settings": result_settings(cfg), "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision)}
     inputs = [cfg.data, cfg.eval_data, cfg.teacher, cfg.token_cache]
-    with joined_world(cfg.device) as world, \
-            world.holding(lambda: claim(cfg.output, "distill-cache", inputs, cfg.overwrite, run)):
-        return _build_cache(cfg, world)
+    with joined_world(cfg.device) as world:
+        if world.world_size > 1 and uses_executor(cfg):
+            raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
+        with world.holding(lambda: claim(cfg.output, "distill-cache", inputs, cfg.overwrite, run)):
+            setup = prepare(cfg, world)
+            if uses_executor(cfg):
+                identity = _run_tasks(cfg, setup)
+            else:
+                done = cache_task(cfg, world.rank, world.world_size, setup, world, show_progress=True)
+                world.barrier()
+                if not world.is_main:
+                    return {"rank": world.rank}
+                identity = done["teacher"]
+            return finish(cfg, setup, identity)
 
 
-def _build_cache(cfg: DistillCacheConfig, world: World) -> dict:
+def uses_executor(cfg: DistillCacheConfig) -> bool:
+    """Whether datatrove runs the tasks (else this process, or each torchrun rank, is one task)."""
+    return cfg.executor != "local" or cfg.tasks > 1
+
+
+@dataclass
+class CacheSetup:
+    """What the driver and every task prepare before the teacher loads: the tokenizer and the packed sequences."""
+
+    started: float
+    tokenizer: Any
+    tokens: packed.TokenFile
+    n_sequences: int
+    shard_sequences: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_sequences // self.shard_sequences)
+
+
+def prepare(cfg: DistillCacheConfig, world: World | None = None) -> CacheSetup:
+    """The tokenizer and the token file (built here if missing), checked against --seq-len and --top-k. No model loads."""
     started = time.time()
-    output = Path(cfg.output).expanduser().absolute()
     tokenizer = models.load_tokenizer(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RefineError(f"tokenizer of {cfg.teacher!r} has no EOS token, which packing needs")
-    train_ds, _, selection = packed.load_splits(cfg)
-    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.teacher, world)
+    tokens = packed.token_file(cfg, packed.load_splits(cfg), tokenizer, cfg.teacher, world or World())
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence")
-    vocab = len(tokenizer)
-    if cfg.top_k > vocab:
-        raise RefineError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab}); lower it")
+    if cfg.top_k > len(tokenizer):
+        raise RefineError(f"--top-k {cfg.top_k} exceeds the vocabulary ({len(tokenizer)}); lower it")
+    return CacheSetup(started, tokenizer, tokens, n_sequences, cfg.shard_sequences)
 
 
+# The teacher's identity as the first task that loaded it recorded it (in the logging dir), for the manifest.
+TEACHER_RECORD = "teacher.json"
+
+
+def _run_tasks(cfg: DistillCacheConfig, setup: CacheSetup) -> dict | None:
+    """Run the tasks whose shards are not all on disk through datatrove; the teacher's identity if a task recorded it."""
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    output = Path(cfg.output).expanduser().absolute()
+    # The shards on disk are the truth: a task with a missing shard runs again even if datatrove marked it done.
+    engine.forget_completions(logging_dir, sorted({s % cfg.tasks for s in range(setup.n_shards)
+                                                   if not (output / shard_name(s)).exists()}))
+    record = logging_dir / TEACHER_RECORD
+    engine.run_tasks(cfg, functools.partial(cache_task, cfg, teacher_record=str(record),
+                                            expected_token_file=setup.tokens.directory.name),
+                     logging_dir, job_name="refine-distill-cache")
+    try:
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cache_task(cfg: DistillCacheConfig, task: int, n_tasks: int, setup: CacheSetup | None = None,
+               world: World | None = None, show_progress: bool = False, teacher_record: str | None = None,
+               expected_token_file: str | None = None) -> dict:
+    """Cache the shards of task `task` of `n_tasks` (shards task, task + n_tasks, ...) that are not on disk yet.
+
+    The one caching path: each torchrun rank, each datatrove task and a plain single run call it. It never
+    claims the output and writes no manifest. The teacher loads only if a shard is missing; then its identity
+    is returned (and written to `teacher_record`, if given, for the driver's manifest).
+    """
+    world = world or World()
+    setup = setup or prepare(cfg, world)
+    if expected_token_file is not None and setup.tokens.directory.name != expected_token_file:
+        raise RefineError(f"task {task} found other packed sequences than the run it belongs to (was {cfg.data!r} or "
+                          "the tokenizer changed while it was queued?); restore them and rerun the same command")
+    output = Path(cfg.output).expanduser().absolute()
+    mine = [s for s in range(setup.n_shards) if s % n_tasks == task and not (output / shard_name(s)).exists()]
+    if not mine:
+        return {"task": task, "teacher": None}
     device = models.resolve_device(rank_device(cfg.device, world))
     dtype = models.resolve_dtype(cfg.dtype, device)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_revision, tokenizer, dtype, device, cfg.trust_remote_code)
-    n_shards = -(-n_sequences // cfg.shard_sequences)
-    mine = [s for s in range(n_shards) if world.owns(s) and not (output / shard_name(s)).exists()]
-    ids_type, value_type = id_dtype(vocab), LOGPROB_DTYPES[cfg.logprob_dtype]
-    progress = tqdm(total=sum(min(cfg.shard_sequences, n_sequences - s * cfg.shard_sequences) for s in mine),
-                    desc=f"distill-cache{f' rank {world.rank}' if world.world_size > 1 else ''}", unit="seq",
-                    dynamic_ncols=True)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_revision, setup.tokenizer, dtype, device, cfg.trust_remote_code)
+    identity = models.model_identity(cfg.teacher, teacher, cfg.teacher_revision)
+    if teacher_record is not None:
+        write_json(Path(teacher_record), identity)
+    n_sequences, per_shard = setup.n_sequences, cfg.shard_sequences
+    progress = tqdm(total=sum(min(per_shard, n_sequences - s * per_shard) for s in mine),
+                    desc=f"distill-cache{f' task {task}' if n_tasks > 1 else ''}", unit="seq", dynamic_ncols=True,
+                    disable=not show_progress)
     for shard in mine:
-        first = shard * cfg.shard_sequences
-        rows = np.arange(first, min(first + cfg.shard_sequences, n_sequences))
-        shard_ids = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=ids_type)
-        shard_values = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=value_type)
-        for start in range(0, len(rows), cfg.batch_size):
-            batch_rows = rows[start : start + cfg.batch_size]
-            batch = torch.from_numpy(tokens.batch(batch_rows, cfg.seq_len)).to(device)
-            ids, values = top_k_logprobs(teacher, batch, vocab, cfg.top_k)
-            shard_ids[start : start + len(batch_rows)] = ids.cpu().numpy().astype(ids_type)
-            shard_values[start : start + len(batch_rows)] = values.float().cpu().numpy().astype(value_type)
-            progress.update(len(batch_rows))
-        staging = output / f"{shard_name(shard)}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        np.save(staging / "ids.npy", shard_ids)
-        np.save(staging / "logprobs.npy", shard_values)
-        staging.rename(output / shard_name(shard))
+        rows = np.arange(shard * per_shard, min((shard + 1) * per_shard, n_sequences))
+        ids, values = shard_top_k(teacher, setup.tokens, rows, cfg, len(setup.tokenizer), device, progress)
+        write_shard(output, shard, ids, values)
     progress.close()
-    world.barrier()
+    return {"task": task, "teacher": identity}
 
-    bytes_per_token = cfg.top_k * (ids_type.itemsize + np.dtype(value_type).itemsize)
+
+def shard_top_k(teacher, tokens: packed.TokenFile, rows: np.ndarray, cfg: DistillCacheConfig, vocab: int, device,
+                progress) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs), each (len(rows), seq_len - 1, top_k), of the packed sequences `rows`, batch by batch."""
+    ids_type, value_type = id_dtype(vocab), LOGPROB_DTYPES[cfg.logprob_dtype]
+    shard_ids = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=ids_type)
+    shard_values = np.empty((len(rows), cfg.seq_len - 1, cfg.top_k), dtype=value_type)
+    for start in range(0, len(rows), cfg.batch_size):
+        batch_rows = rows[start : start + cfg.batch_size]
+        batch = torch.from_numpy(tokens.batch(batch_rows, cfg.seq_len)).to(device)
+        ids, values = top_k_logprobs(teacher, batch, vocab, cfg.top_k)
+        shard_ids[start : start + len(batch_rows)] = ids.cpu().numpy().astype(ids_type)
+        shard_values[start : start + len(batch_rows)] = values.float().cpu().numpy().astype(value_type)
+        progress.update(len(batch_rows))
+    return shard_ids, shard_values
+
+
+def write_shard(output: Path, shard: int, ids: np.ndarray, values: np.ndarray) -> None:
+    """The shard's two arrays, staged beside it and renamed into place together."""
+    staging = output / f"{shard_name(shard)}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    np.save(staging / "ids.npy", ids)
+    np.save(staging / "logprobs.npy", values)
+    staging.rename(output / shard_name(shard))
+
+
+def finish(cfg: DistillCacheConfig, setup: CacheSetup, identity: dict | None) -> dict:
+    """Once every shard exists: the manifest, last. `identity` None: load the teacher to record it."""
+    output = Path(cfg.output).expanduser().absolute()
+    missing = [s for s in range(setup.n_shards) if not (output / shard_name(s)).exists()]
+    if missing:
+        raise RefineError(f"{len(missing)} cache shards are missing after the run; rerun the same command")
+    if identity is None:  # every shard was on disk already (a rerun after a crash before the manifest)
+        teacher = load_teacher(cfg.teacher, cfg.teacher_revision, setup.tokenizer, torch.float32, torch.device("cpu"),
+                               cfg.trust_remote_code)
+        identity = models.model_identity(cfg.teacher, teacher, cfg.teacher_revision)
+    ids_type = id_dtype(len(setup.tokenizer))
+    bytes_per_token = cfg.top_k * (ids_type.itemsize + np.dtype(LOGPROB_DTYPES[cfg.logprob_dtype]).itemsize)
     meta = {
-        "stage": "distill-cache", **run_info(), "settings": result_settings(cfg),
-        "teacher": models.model_identity(cfg.teacher, teacher, cfg.teacher_revision),
-        "tokenizer_fingerprint": models.tokenizer_fingerprint(tokenizer),
-        "token_file": tokens.directory.name, "n_tokens": tokens.meta["n_tokens"], "seq_len": cfg.seq_len,
-        "n_sequences": n_sequences, "shard_sequences": cfg.shard_sequences, "n_shards": n_shards,
+        "stage": "distill-cache", **run_info(), "settings": result_settings(cfg), "teacher": identity,
+        "tokenizer_fingerprint": models.tokenizer_fingerprint(setup.tokenizer),
+        "token_file": setup.tokens.directory.name, "n_tokens": setup.tokens.meta["n_tokens"], "seq_len": cfg.seq_len,
+        "n_sequences": setup.n_sequences, "shard_sequences": cfg.shard_sequences, "n_shards": setup.n_shards,
         "top_k": cfg.top_k, "ids_dtype": ids_type.name, "logprob_dtype": cfg.logprob_dtype,
-        "bytes_per_token": bytes_per_token, "elapsed_s": round(time.time() - started, 1),
+        "bytes_per_token": bytes_per_token, "executor": cfg.executor if uses_executor(cfg) else None,
+        "elapsed_s": round(time.time() - setup.started, 1),
     }
-    if world.is_main:
-        missing = [s for s in range(n_shards) if not (output / shard_name(s)).exists()]
-        if missing:
-            raise RefineError(f"{len(missing)} cache shards are missing after the run; rerun the same command")
-        files = [f"{shard_name(s)}/{name}" for s in range(n_shards) for name in ("ids.npy", "logprobs.npy")]
-        return write_manifest(output, meta, files)
-    return {"rank": world.rank}
-
+    files = [f"{shard_name(s)}/{name}" for s in range(setup.n_shards) for name in ("ids.npy", "logprobs.npy")]
+    return write_manifest(output, meta, files)

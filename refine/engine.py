@@ -53,8 +53,8 @@ def forget_completions(logging_dir: Path, tasks: list[int]) -> None:
         (logging_dir / "completions" / f"{task:05d}").unlink(missing_ok=True)
 
 
-def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path):
-    """The datatrove executor `cfg.executor` names, running `cfg.tasks` tasks of `run_task`."""
+def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score"):
+    """The datatrove executor `cfg.executor` names, running `cfg.tasks` tasks of `run_task` (`job_name`: Slurm's)."""
     step = [RunTask(run_task)]
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
@@ -63,7 +63,7 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path):
         return SlurmPipelineExecutor(
             step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,
             cpus_per_task=cfg.cpus_per_task, gpus_per_task=cfg.gpus_per_task, mem_per_cpu_gb=cfg.mem_per_cpu_gb,
-            job_name="refine-score", env_command=cfg.slurm_env_command, logging_dir=str(logging_dir),
+            job_name=job_name, env_command=cfg.slurm_env_command, logging_dir=str(logging_dir),
             qos=None,  # the cluster's default QOS; datatrove would ask for one named "normal"
             requeue_signals=None,  # a requeued task simply reruns its missing shards
         )
@@ -72,9 +72,9 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path):
                                mem_per_cpu_gb=cfg.mem_per_cpu_gb)
 
 
-def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path) -> None:
+def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score") -> None:
     """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them; raise if any did not finish."""
-    executor = make_executor(cfg, run_task, logging_dir)
+    executor = make_executor(cfg, run_task, logging_dir, job_name)
     if cfg.executor == "ray":
         _run_on_ray(executor, cfg)
     elif cfg.executor == "slurm":

@@ -295,12 +295,12 @@ class Trainer:
 
 def setup_data(cfg: PretrainConfig, world: World, tokenizer) -> TrainData:
     """Tokenise and pack the corpus once into a memory-mapped file (reused later); pack the held-out set."""
-    train_ds, eval_ds, selection = packed.load_splits(cfg)
-    held_out = packed.eval_sequences(eval_ds, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
-                                     packed.scored_token_column(cfg.eval_data or cfg.data, eval_ds, tokenizer))
+    splits = packed.load_splits(cfg)
+    tokens = packed.token_file(cfg, splits, tokenizer, cfg.tokenizer, world)
+    held_out = packed.eval_sequences(splits.held_out, cfg.text_column, tokenizer, cfg.seq_len, cfg.max_eval_sequences,
+                                     packed.scored_token_column(cfg.eval_data or cfg.data, splits.held_out, tokenizer))
     if not held_out:
         raise RefineError("the held-out split has fewer than 2 tokens; raise --eval-fraction or give --eval-data")
-    tokens = packed.token_file(cfg, train_ds, selection, tokenizer, cfg.tokenizer, world)
     n_sequences = tokens.n_sequences(cfg.seq_len)
     if n_sequences == 0:
         raise RefineError(f"{cfg.data!r} has fewer tokens than one --seq-len {cfg.seq_len} sequence; lower --seq-len or add data")

@@ -1,4 +1,5 @@
-"""Peak memory and wall time of `refine sample`, `refine report` and `refine push` at two corpus sizes.
+"""Peak memory and wall time of `refine sample`, `report`, `push` and packing at two corpus sizes; the speed-up of
+2 local workers over 1 for packing and for scoring.
 
     python scripts/bench_scale.py                      # about 50 MB and 500 MB of text, in a temp folder
     python scripts/bench_scale.py --sizes-mb 5 50      # a quick run
@@ -10,8 +11,16 @@ log-probabilities are deterministic functions of the text's CRC-32, written with
 (claim, score_table, write_parquet, scores_card, write_manifest) so that sample and report accept them.
 The corpus is loaded once while building, so the stages below find datasets' Arrow cache warm.
 
+Packing is `refine pretrain --tokenize-workers 1 --max-steps 1` of a tiny student with a byte-level BPE of
+4,096 tokens trained in-process (tokenising the corpus into a fresh token cache, then one step); the time
+the token file took to build is also read from its meta.json. The speed-ups run the same command with
+1 and 2 workers: packing the smaller corpus (`--tokenize-workers`), and `refine score` of --score-docs
+documents with a tiny random teacher and reference built in-process (`--tasks 2 --workers 2` against one
+process). Other work on the machine lowers them: the load average is printed beside them.
+
 Each stage runs refine's CLI in its own process; its peak RSS is that process's VmHWM, read from
-/proc/self/status as it exits (Linux only). Targets: peak RSS ratio (largest / smallest size) <= 1.25, wall time ratio <= 11.
+/proc/self/status as it exits (Linux only; with 2 workers the workers' own memory is not in it). Targets:
+peak RSS ratio (largest / smallest size) <= 1.25, wall time ratio <= 11, 2 workers >= 1.6x one.
 """
 
 from __future__ import annotations
@@ -25,9 +34,14 @@ import time
 import zlib
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from refine import data as corpus
 from refine.card import scores_card
@@ -36,6 +50,8 @@ from refine.output import DATA_DIR, claim, content_tag, run_info, write_manifest
 from refine.score import score_table
 
 FILE_TEXT_BYTES = 50 * 2**20  # text per corpus file
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
 SCORE_SHARD_ROWS = 100_000
 
 
@@ -95,6 +111,55 @@ def write_scores(source: Path, output: Path) -> None:
         write_manifest(output, manifest, [*paths, "README.md"])
 
 
+def train_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE of 4,096 tokens trained on the offline documents: cheap, offline, encodes any text."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([d["text"] for d in build_corpus(2000, seed=0)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(directory)
+    (directory.parent / "student.json").write_text(json.dumps({**TINY_LLAMA, "vocab_size": 4096}))
+    return directory
+
+
+def save_random_model(directory: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A tiny Llama with random weights and the benchmark's tokenizer."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(**{**TINY_LLAMA, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def pack(corpus_dir: Path, tokenizer_dir: Path, run_dir: Path, workers: int, peak: Path) -> tuple[float, float, float]:
+    """(wall s, peak RSS MiB, token file build s) of `refine pretrain ... --max-steps 1` into a fresh token cache."""
+    wall, rss = measure(["pretrain", str(corpus_dir), "--model-config", str(tokenizer_dir.parent / "student.json"),
+                         "--tokenizer", str(tokenizer_dir), "--seq-len", "128", "--micro-batch-size", "1",
+                         "--max-steps", "1", "--device", "cpu", "--peak-tflops", "1", "--token-cache", str(run_dir / "tokens"),
+                         "--tokenize-workers", str(workers), "--output", str(run_dir / "student")], peak)
+    (meta,) = (run_dir / "tokens").glob("*/meta.json")
+    return wall, rss, json.loads(meta.read_text())["elapsed_s"]
+
+
+def score_scaling(root: Path, tokenizer_dir: Path, n_docs: int, peak: Path) -> dict:
+    """Wall s of `refine score` with 1 process and with --tasks 2 --workers 2, tiny random teacher and reference."""
+    root.mkdir(parents=True, exist_ok=True)
+    corpus_file = root / "score-corpus.parquet"
+    base = build_corpus(2000, seed=1)
+    pq.write_table(pa.Table.from_pylist([{"text": f"[{k}] {base[k % len(base)]['text']}"} for k in range(n_docs)]),
+                   corpus_file)
+    teacher = save_random_model(root / "teacher", tokenizer_dir, seed=0)
+    reference = save_random_model(root / "reference", tokenizer_dir, seed=1)
+    common = ["score", str(corpus_file), "--teacher", str(teacher), "--reference", str(reference), "--device", "cpu",
+              "--max-length", "256", "--shard-size", str(max(1, n_docs // 8))]
+    return {workers: measure([*common, "--output", str(root / f"scores-{workers}"),
+                              *(["--tasks", "2", "--workers", "2"] if workers == 2 else [])], peak)[0]
+            for workers in (1, 2)}
+
+
 # Runs refine's CLI, then writes the process's own peak RSS (VmHWM, in KiB). Not ru_maxrss: on Linux a child's
 # ru_maxrss starts at its parent's RSS when forked, so it would count this script's own memory.
 STAGE_RUNNER = """
@@ -121,13 +186,16 @@ def measure(args: list[str], peak_file: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-mb", type=int, nargs=2, default=[50, 500], help="text per corpus, in MB (small, large)")
+    parser.add_argument("--score-docs", type=int, default=4000, help="documents scored for the scoring speed-up")
     parser.add_argument("--workdir", default=None, help="where to build the corpora (default: a temp folder)")
     options = parser.parse_args()
     root = Path(options.workdir or tempfile.mkdtemp(prefix="refine-bench-scale-"))
-    results = {}
+    root.mkdir(parents=True, exist_ok=True)
+    peak = root / "peak_kib"
+    tokenizer_dir = train_tokenizer(root / "tokenizer")
+    results, built = {}, {}
     for size_mb in options.sizes_mb:
         here = root / f"{size_mb}mb"
-        peak = root / "peak_kib"
         started = time.perf_counter()
         n_docs = build_corpus_folder(here / "corpus", size_mb * 10**6)
         write_scores(here / "corpus", here / "scores")
@@ -139,14 +207,32 @@ def main() -> None:
                                str(here / "report.html")], peak),
             "push": measure(["push", str(here / "refined"), str(here / "pushed")], peak),
         }
+        wall, rss, built[size_mb] = pack(here / "corpus", tokenizer_dir, here / "pack-1", 1, peak)
+        results[size_mb]["pack (pretrain --max-steps 1)"] = (wall, rss)
     small, large = options.sizes_mb
     print(f"\nscores: stand-in for the models (deterministic functions of each text's CRC-32); {os.cpu_count()} CPUs")
     print(f"| stage | wall {small} MB (s) | wall {large} MB (s) | wall ratio | peak RSS {small} MB (MiB) | "
           f"peak RSS {large} MB (MiB) | RSS ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for stage in ("sample", "report", "push"):
+    for stage in results[small]:
         (wall_s, rss_s), (wall_l, rss_l) = results[small][stage], results[large][stage]
         print(f"| {stage} | {wall_s:.1f} | {wall_l:.1f} | {wall_l / wall_s:.1f} | {rss_s:.0f} | {rss_l:.0f} | {rss_l / rss_s:.2f} |")
+    print(f"token file build alone (meta.json elapsed_s): {built[small]:.1f} s at {small} MB, {built[large]:.1f} s at "
+          f"{large} MB ({built[large] / max(built[small], 0.1):.1f}x)", flush=True)
+
+    print("\n| 2 workers against 1 | 1 worker (s) | 2 workers (s) | speed-up | load average before (1 min) |")
+    print("|---|---:|---:|---:|---:|")
+    here = root / f"{small}mb"
+    load = os.getloadavg()[0]
+    packs = {w: pack(here / "corpus", tokenizer_dir, here / f"pack-scaling-{w}", w, peak) for w in (1, 2)}
+    print(f"| packing {small} MB: pretrain --tokenize-workers | {packs[1][0]:.1f} | {packs[2][0]:.1f} | "
+          f"{packs[1][0] / packs[2][0]:.2f} | {load:.2f} |")
+    print(f"| packing {small} MB: token file build alone | {packs[1][2]:.1f} | {packs[2][2]:.1f} | "
+          f"{packs[1][2] / packs[2][2]:.2f} | {load:.2f} |", flush=True)
+    load = os.getloadavg()[0]
+    scores = score_scaling(root / "score-scaling", tokenizer_dir, options.score_docs, peak)
+    print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores[1]:.1f} | {scores[2]:.1f} | "
+          f"{scores[1] / scores[2]:.2f} | {load:.2f} |")
 
 
 if __name__ == "__main__":

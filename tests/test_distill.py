@@ -129,6 +129,20 @@ def test_cache_resumes_and_refuses_other_packing(kd_setup, teacher_dir):
         pretrain(student_args(kd_setup, teacher_dir, "student", seq_len=16, kd_cache=str(cache)))
 
 
+@pytest.mark.slow  # two runs of 4 datatrove tasks, each a process that imports torch and loads the teacher
+def test_four_tasks_on_two_workers_write_the_cache_of_one_process(kd_setup, teacher_dir):
+    single = build_cache(cache_args(kd_setup, teacher_dir, top_k=8, output=str(kd_setup / "single")))
+    tasks = build_cache(cache_args(kd_setup, teacher_dir, top_k=8, output=str(kd_setup / "tasks"), tasks=4, workers=2))
+    assert single["n_shards"] >= 4 and tasks["executor"] == "local" and single["executor"] is None
+    assert [(f["path"], f["sha256"]) for f in single["files"]] == [(f["path"], f["sha256"]) for f in tasks["files"]]
+    assert tasks["teacher"] == single["teacher"]
+    # a shard lost after the run is redone by its task alone; the manifest comes back the same
+    shutil.rmtree(kd_setup / "tasks" / "shard-000002")
+    (kd_setup / "tasks" / "manifest.json").unlink()
+    again = build_cache(cache_args(kd_setup, teacher_dir, top_k=8, output=str(kd_setup / "tasks"), tasks=4, workers=2))
+    assert again["files"] == tasks["files"]
+
+
 def test_kd_teacher_with_another_tokenizer_is_refused(kd_setup, teacher_dir, tmp_path):
     from conftest import save_tiny_model, small_tokenizer
 
