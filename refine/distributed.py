@@ -110,10 +110,13 @@ def close_world(world: World) -> None:
 
 
 def rank_device(device_name: str, world: World) -> str:
-    """`auto`/`cuda` under torchrun means this rank's own GPU."""
-    if world.world_size > 1 and torch.cuda.is_available() and device_name in ("auto", "cuda"):
+    """`auto`/`cuda` under torchrun means this rank's own GPU; in a task of the local executor, its slot's GPU."""
+    if device_name not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device_name
+    if world.world_size > 1:
         return f"cuda:{world.local_rank}"
-    return device_name
+    slot = os.environ.get("REFINE_TASK_SLOT")  # set by refine.engine.LocalTasks
+    return f"cuda:{int(slot) % torch.cuda.device_count()}" if slot is not None else device_name
 
 
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:

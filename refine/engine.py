@@ -20,6 +20,10 @@ from datatrove.pipeline.base import PipelineStep
 
 from refine.errors import RefineError
 
+# The local executor's slot (0..workers-1) of the task running in this process; a task on `auto`/`cuda` takes
+# GPU slot % GPUs (refine.distributed.rank_device), so W workers on W GPUs run one task per GPU.
+TASK_SLOT_ENV = "REFINE_TASK_SLOT"
+
 # How often the driver asks Slurm whether its array job is still queued or running, in seconds.
 SLURM_POLL_S = float(os.environ.get("REFINE_SLURM_POLL_S", "30"))
 
@@ -37,6 +41,27 @@ class RunTask(PipelineStep):
     def run(self, data, rank: int = 0, world_size: int = 1):
         self.run_task(rank, world_size)
         return data
+
+
+class LocalTasks(LocalPipelineExecutor):
+    """datatrove's local executor, telling each task which of the `workers` slots it holds (no two tasks at once share one)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        os.environ[TASK_SLOT_ENV] = str(local_rank)
+        try:
+            return super()._run_for_rank(rank, local_rank, node_rank)
+        finally:
+            os.environ.pop(TASK_SLOT_ENV, None)
+
+
+def local_workers(cfg) -> int:
+    """Tasks at once on this machine: --workers, else one per GPU when the tasks run on GPUs, else all of them (-1)."""
+    if cfg.workers:
+        return cfg.workers
+    import torch
+
+    on_gpus = getattr(cfg, "device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
+    return torch.cuda.device_count() if on_gpus else -1
 
 
 def logging_dir_for(output: str, given: str | None, n_tasks: int) -> Path:
@@ -58,7 +83,7 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
     step = [RunTask(run_task)]
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
-        return LocalPipelineExecutor(step, tasks=cfg.tasks, workers=workers, logging_dir=str(logging_dir))
+        return LocalTasks(step, tasks=cfg.tasks, workers=local_workers(cfg), logging_dir=str(logging_dir))
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(
             step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,

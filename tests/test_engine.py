@@ -3,6 +3,7 @@
 Every run must give exactly the scores of one process scoring everything, whatever the executor and task count.
 """
 
+import functools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from refine import engine
 from refine.config import ScoreConfig
 from refine.score import score
 
@@ -240,3 +242,30 @@ def test_executor_options_are_checked_together(tmp_path):
     assert "--gpus-per-task -1 must be at least 0" in message
     assert "--executor slurm needs --slurm-partition" in message
     assert "--nproc (torchrun) and --tasks/--executor both split the work; choose one" in message
+
+
+def record_slot(folder: str, task: int, n_tasks: int) -> None:
+    """A task that writes down the local executor's slot it ran in."""
+    Path(folder, f"{task}").write_text(os.environ[engine.TASK_SLOT_ENV])
+
+
+def test_local_tasks_hold_distinct_slots_and_take_that_gpu(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from refine.distributed import World, rank_device
+
+    cfg = SimpleNamespace(executor="local", tasks=4, workers=2, device="auto")
+    engine.run_tasks(cfg, functools.partial(record_slot, str(tmp_path)), tmp_path / "logs")
+    slots = [int((tmp_path / f"{task}").read_text()) for task in range(4)]
+    assert set(slots) <= {0, 1}
+    assert engine.TASK_SLOT_ENV not in os.environ
+
+    # On a machine with 2 GPUs, a task in slot 3 scores on GPU 1; a fixed device is kept; torchrun ranks keep theirs.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv(engine.TASK_SLOT_ENV, "3")
+    assert rank_device("auto", World()) == "cuda:1"
+    assert rank_device("cpu", World()) == "cpu"
+    assert engine.local_workers(SimpleNamespace(workers=None, device="auto")) == 2
