@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refine import data as corpus
+from refine import diagnostics
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
@@ -106,6 +107,10 @@ def sample(cfg: SampleConfig) -> dict:
             "tokens_before": int(pc_sum(scores, "n_tokens")),
             "tokens_after": int(pc_sum(kept_scores, "n_tokens")),
             "score_stats": _stats(scores.column("score").to_numpy()),
+            # Whether the reference changed this selection (for another method: the difference selection at alpha).
+            "reference_diagnostics": diagnostics.table_diagnostics(
+                scores, cfg.alpha, kept if cfg.method == "difference" else None,
+                diagnostics.reference_vocab_size(score_manifest)),
             "scores": score_manifest,
         }
         return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
