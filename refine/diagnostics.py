@@ -137,8 +137,8 @@ def is_weak(diagnostics: dict, threshold: float) -> bool:
 def summary_line(diagnostics: dict) -> str:
     """One line of the headline figures, e.g. for the end of `refine score`."""
     d = diagnostics
-    if not d.get("n_instances"):
-        return "reference: no instance with both log-probs; nothing to diagnose"
+    if not d.get("n_instances") or d.get("overlap_with_teacher") is None:
+        return "reference: no kept instance has both log-probs (proxy-predicted rows have none); nothing to diagnose"
     uniform = f" (uniform guess {d['uniform_nll']:.2f})" if d.get("uniform_nll") else ""
     rho = f"{d['spearman_score_teacher']:.2f}" if d["spearman_score_teacher"] is not None else "undefined"
     return (f"reference: NLL {d['ref_nll_mean']:.2f} ± {d['ref_nll_std']:.2f} nats/token across instances{uniform}; "

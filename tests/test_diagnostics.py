@@ -85,6 +85,9 @@ def test_figures_equal_independent_computations_and_skip_rows_without_log_probs(
     selected = [i for i in kept if i in exact]
     by_teacher = sorted(exact, key=lambda i: teacher_nll[i])[: len(selected)]
     assert d["n_instances"] == 99
+    only_predicted = diagnostics.reference_diagnostics(teacher_nll, ref_nll, score, 0.3, kept=np.array([5, 50]))
+    assert only_predicted["overlap_with_teacher"] is None and "nothing to diagnose" in diagnostics.summary_line(only_predicted)
+    assert diagnostics.weak_reference_warning(only_predicted, 0.0) is None
     assert d["overlap_with_teacher"] == pytest.approx(len(set(selected) & set(by_teacher)) / len(selected))
     assert d["random_overlap"] == pytest.approx(len(selected) / 99)
     assert d["ref_nll_mean"] == pytest.approx(np.mean(ref_nll[exact])) and d["ref_nll_std"] == pytest.approx(np.std(ref_nll[exact]))
