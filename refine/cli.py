@@ -225,6 +225,7 @@ def score_command(cfg: ScoreConfig) -> None:
             f"exact documents Spearman {p['spearman']:.3f}, top-{p['alpha']} overlap {p['top_alpha_overlap']:.2f} "
             f"(random: {p['random_overlap_expected']:.2f}); FLOPs saved {p['flops_saved_fraction']:.0%}"
         )
+    _echo_reference_check(manifest.get("reference_diagnostics"), cfg.weak_reference_overlap)
 
 
 @config_command("sample", SampleConfig, positional=("scores",))
@@ -246,6 +247,7 @@ def sample_command(cfg: SampleConfig) -> None:
         f"({m['tokens_after']} of {m['tokens_before']} tokens) by {m['method']} {budget_text(m)}{drawn}{threshold}\n"
         f"scores: mean {stats['mean']:.3f}, quantiles 10% {stats['q10']:.3f} | 50% {stats['q50']:.3f} | 90% {stats['q90']:.3f}"
     )
+    _echo_reference_check(m.get("reference_diagnostics"), cfg.weak_reference_overlap)
     if cfg.push_to_hub:
         target = {"refined": cfg.output, "target": cfg.push_to_hub, "private": cfg.private, "token": cfg.token}
         _echo_push(_stage(lambda: push(load_config(PushConfig, None, target))))
@@ -258,6 +260,19 @@ def report_command(cfg: ReportConfig) -> None:
 
     result = _stage(lambda: report(cfg))
     typer.echo(f"wrote {result['output']}: {result['kept']} of {result['instances']} instances kept at this alpha")
+    _echo_reference_check(result.get("reference_diagnostics"), cfg.weak_reference_overlap)
+
+
+def _echo_reference_check(diagnostics: dict | None, threshold: float) -> None:
+    """The reference's diagnostics in one line, and on stderr the warning when it is too weak to matter."""
+    from refine.diagnostics import summary_line, weak_reference_warning
+
+    if diagnostics is None:  # scores written before refine recorded them
+        return
+    typer.echo(summary_line(diagnostics))
+    warning = weak_reference_warning(diagnostics, threshold)
+    if warning:
+        typer.echo(warning, err=True)
 
 
 @config_command("push", PushConfig, positional=("refined", "target"))
@@ -286,7 +301,11 @@ def pretrain_command(cfg: PretrainConfig) -> None:
     m = _stage(lambda: pretrain(cfg))
     if "rank" in m:  # not rank 0: rank 0 reports
         return
-    typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f}")
+    typer.echo(f"trained {m['model_type']} ({m['n_params']} params) for {m['steps']} steps; held-out loss {m['eval_loss']:.4f} "
+               f"(unigram baseline {m['unigram_eval_loss']:.4f})")
+    if m["eval_loss"] >= m["unigram_eval_loss"]:
+        typer.echo("warning: the held-out loss is no better than the unigram baseline, so the model has learnt no more "
+                   "than token frequencies; train it longer (more steps or tokens), or with a smaller vocabulary", err=True)
 
 
 @config_command("distill-cache", DistillCacheConfig, positional=("data",))

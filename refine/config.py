@@ -134,7 +134,22 @@ class TaskArgs(Checked):
 
 
 @dataclass
-class ScoreConfig(TaskArgs, CorpusArgs):
+class ReferenceCheckArgs(Checked):
+    """When to call the reference too weak to matter; shared by the stages that print that warning."""
+
+    # Issue 14 (SmolLM2-135M teacher): a 2.4M reference trained 80 steps on the teacher's 49k vocabulary overlapped
+    # 97% (near-uniform NLL everywhere); a 1.4M one with its own 4,096 vocabulary, 400 steps, per-byte scores, 60%.
+    weak_reference_overlap: float = option(
+        0.9,
+        "Warn that the reference adds almost nothing when the difference selection shares more than this fraction "
+        "of its instances with the teacher-NLL (perplexity filtering) selection of the same size; a random "
+        "selection of a fraction alpha shares alpha. 1 never warns.",
+        result=False, check=between(0, 1),
+    )
+
+
+@dataclass
+class ScoreConfig(TaskArgs, ReferenceCheckArgs, CorpusArgs):
     data: Optional[str] = required(
         "Corpus to score: a hub dataset name, local .jsonl/.json/.parquet/.csv/.txt/.arrow files, a glob, "
         "a directory of such files, or a `save_to_disk` directory; or an fsspec URL of .jsonl/.parquet/.csv files "
@@ -229,7 +244,7 @@ class SelectionArgs(Checked):
 
 
 @dataclass
-class SampleConfig(SelectionArgs):
+class SampleConfig(SelectionArgs, ReferenceCheckArgs):
     scores: Optional[str] = required("Scores directory written by `refine score`.")
     output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).", result=False)
     method: str = option(
@@ -250,7 +265,7 @@ class SampleConfig(SelectionArgs):
 
 
 @dataclass
-class ReportConfig(SelectionArgs):
+class ReportConfig(SelectionArgs, ReferenceCheckArgs):
     scores: Optional[str] = required("Scores directory written by `refine score`.")
     output: str = option("report.html", "HTML file to write (self-contained: figures are embedded).", result=False,
                          check=Check(suffixes=(".html", ".htm"), fix="name an .html file"))

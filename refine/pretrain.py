@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from refine import distill, models, packed
+from refine import diagnostics, distill, models, packed
 from refine.config import PretrainConfig, result_settings
 from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
@@ -307,6 +307,13 @@ def setup_data(cfg: PretrainConfig, world: World, tokenizer) -> TrainData:
     return TrainData(tokenizer, tokens, n_sequences, held_out)
 
 
+def unigram_baseline(data: TrainData) -> float:
+    """Held-out loss (nats/token) of a unigram model fitted on the training tokens, on the tokens `evaluate` predicts
+    (every held-out token but the first of each sequence): what a model that learnt only token frequencies scores."""
+    targets = np.concatenate([sequence[1:] for sequence in data.held_out])
+    return diagnostics.unigram_cross_entropy(data.tokens.tokens, targets, len(data.tokenizer))
+
+
 def setup_trainer(cfg: PretrainConfig, world: World, data: TrainData, model_config) -> Trainer:
     """The model on its device (wrapped for DDP/FSDP), AdamW, the warmup-cosine schedule and the KD source."""
     device = models.resolve_device(rank_device(cfg.device, world))
@@ -380,6 +387,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
             "or add data"
         )
     trainer = setup_trainer(cfg, world, data, model_config)
+    unigram_loss = unigram_baseline(data) if world.is_main else None  # one pass over the token file
     steps, device = trainer.steps, trainer.device
     step = (load_checkpoint(checkpoint, cfg, trainer.loss_module, trainer.model, trainer.optimizer, trainer.scheduler,
                             world) if checkpoint else 0)
@@ -404,7 +412,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
         record = None
         if step % cfg.eval_every == 0 or step == steps:
             eval_loss = evaluate(trainer.loss_module, data.held_out, cfg.micro_batch_size, device, trainer.dtype)
-            record = {"eval_loss": eval_loss}
+            record = {"eval_loss": eval_loss, "unigram_eval_loss": unigram_loss}
         if step % cfg.log_every == 0 or record is not None:
             if world.world_size > 1:
                 loss_sum = _all_reduce_sum(loss_sum.reshape(1), device)[0] / world.world_size
@@ -428,6 +436,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> dict:
                 "n_params": sum(p.numel() for p in trainer.model.parameters()), "world_size": world.world_size,
                 "global_batch": global_batch(cfg, world.world_size), "steps": steps, "tokens": steps * tokens_per_step,
                 "train_sequences": data.n_sequences, "token_file": str(data.tokens.directory), "eval_loss": eval_loss,
+                "unigram_eval_loss": unigram_loss,
                 "elapsed_s": round(time.time() - started, 1)}
     model_state, _ = full_state(trainer.loss_module, trainer.model, trainer.optimizer, cfg, world)
     if world.is_main:

@@ -158,6 +158,7 @@ def _proxy_score(cfg, ds) -> dict:
                  "n_rows": len(ds), "n_blank_skipped": len(ds) - len(rows), "license": ds.info.license or None},
         "data_files": f"data/scores-{tag}-*.parquet", "n_instances": table.num_rows, "n_tokens": n_tokens_all,
         "world_size": 1, "proxy": stats, "elapsed_s": round(time.time() - started, 1),
+        "reference_diagnostics": exact_manifest.get("reference_diagnostics"),  # of the exactly scored subset
     }
     write_text(output / "README.md", scores_card(manifest, manifest["data_files"]))
     return write_manifest(output, manifest, [f"data/scores-{tag}-proxy.parquet", "README.md"])

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from refine import diagnostics
 from refine.config import ReportConfig
 from refine.errors import RefineError
 from refine.output import claim_file, parquet_files, write_text
@@ -212,7 +213,38 @@ def _example_table(part: pd.DataFrame) -> str:
             f"{rows}</table>")
 
 
-def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -> str:
+def frame_diagnostics(frame: pd.DataFrame, manifest: dict, alpha: float) -> dict:
+    """refine.diagnostics of the report's own selection, with the reference's NLL per group when there are groups."""
+    groups = ((frame["group"].cat.codes.to_numpy(), frame["group"].cat.categories.astype(str))
+              if "group" in frame else None)
+    return diagnostics.reference_diagnostics(
+        frame["teacher_nll"].to_numpy(), frame["ref_nll"].to_numpy(), frame["score"].to_numpy(), alpha,
+        kept=np.flatnonzero(frame["kept"].to_numpy()), groups=groups, vocab_size=diagnostics.reference_vocab_size(manifest))
+
+
+def reference_section(d: dict, threshold: float) -> str:
+    """The "Is the reference informative?" section: the figures, what they mean, and the warning when weak."""
+    number = lambda v, f: format(v, f) if v is not None else "–"
+    rows = [("reference NLL per token, mean ± std across instances",
+             f"{number(d['ref_nll_mean'], '.3f')} ± {number(d['ref_nll_std'], '.3f')}"
+             + (f" (a uniform guess: {d['uniform_nll']:.3f})" if d.get("uniform_nll") else "")),
+            ("teacher NLL per token, mean ± std", f"{number(d['teacher_nll_mean'], '.3f')} ± {number(d['teacher_nll_std'], '.3f')}"),
+            ("Spearman(score, teacher log-prob per token)", number(d["spearman_score_teacher"], ".3f")),
+            ("kept instances also kept by teacher-NLL filtering",
+             f"{number(d['overlap_with_teacher'], '.1%')} (a random selection: {number(d['random_overlap'], '.1%')})")]
+    by_group = "".join(f"<tr><td>{html.escape(label)}</td><td>{g['n']:,}</td><td>{number(g['mean'], '.3f')}</td>"
+                       f"<td>{number(g['std'], '.3f')}</td></tr>" for label, g in d.get("ref_nll_by_group", {}).items())
+    warning = diagnostics.weak_reference_warning(d, threshold)
+    return ('<section id="reference"><h2>Is the reference informative?</h2><p>If the reference gives every text about '
+            "the same NLL, the score is the teacher's log-prob plus a constant and difference sampling is perplexity "
+            "filtering. Signs: a small spread of the reference's NLL, a Spearman correlation near 1, an overlap near "
+            "100%.</p>" + (f"<p><strong>{html.escape(warning)}</strong></p>" if warning else "") + "<table>"
+            + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+            + ("<table><tr><th>group</th><th>instances</th><th>reference NLL mean</th><th>std</th></tr>"
+               f"{by_group}</table>" if by_group else "") + "</section>")
+
+
+def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts, reference: dict | None = None) -> str:
     kept = frame[frame["kept"]]
     selection = manifest["selection"]
     sharp = not selection["temperature"] and not selection["balance"]  # else no single score separates kept from dropped
@@ -231,6 +263,8 @@ def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -
         ("score quantiles", " · ".join(f"{int(q * 100)}%: {v:.3f}" for q, v in quantiles.items())),
         ("mean teacher / reference NLL per token", f"{frame['teacher_nll'].mean():.3f} / {frame['ref_nll'].mean():.3f}"),
     ]
+    if reference is not None:
+        summary.append(("reference check", html.escape(diagnostics.summary_line(reference).removeprefix("reference: "))))
     sections = [
         '<section id="summary"><h2>Summary</h2><table>'
         + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table></section>",
@@ -258,6 +292,8 @@ def render(frame: pd.DataFrame, manifest: dict, cfg: ReportConfig, read_texts) -
             "<th>kept</th><th>tokens before</th><th>tokens after</th><th>token share before</th>"
             f"<th>token share after</th><th>kept (tokens)</th><th>mean score</th></tr>{rows}</table></section>"
         )
+    if reference is not None:
+        sections.append(reference_section(reference, cfg.weak_reference_overlap))
     sections.append('<section id="examples"><h2>Examples</h2>' + "".join(
         f"<h3>{name}</h3>{_example_table(part)}" for name, part in _examples(frame, read_texts, cfg.n_examples, cfg.excerpt_chars).items()
     ) + "</section>")
@@ -278,5 +314,7 @@ def report(cfg: ReportConfig) -> dict:
     validate(cfg)
     with claim_file(cfg.output, "report", GENERATOR, [cfg.scores, cfg.data]):
         frame, manifest, read_texts = scored_frame(cfg)
-        write_text(Path(cfg.output), render(frame, manifest, cfg, read_texts))
-    return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum())}
+        reference = frame_diagnostics(frame, manifest, cfg.alpha)
+        write_text(Path(cfg.output), render(frame, manifest, cfg, read_texts, reference))
+    return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum()),
+            "reference_diagnostics": reference}

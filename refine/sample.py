@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from refine import data as corpus
+from refine import diagnostics
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
@@ -300,6 +301,11 @@ def sample(cfg: SampleConfig) -> dict:
             "tokens_before": int(pc_sum(scores, "n_tokens")),
             "tokens_after": int(pc_sum(kept_scores, "n_tokens")),
             "score_stats": _stats(scores.column("score").to_numpy()),
+            # Whether the reference changed this selection (for another method: the difference selection of the same
+            # budget, temperature and balance).
+            "reference_diagnostics": diagnostics.table_diagnostics(
+                scores, selection["alpha"], kept if cfg.method == "difference" else choose(cfg, scores, "difference", groups)[0],
+                diagnostics.reference_vocab_size(score_manifest)),
             "scores": score_manifest,
         }
         return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)

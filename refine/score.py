@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refine import data as corpus
-from refine import engine, models
+from refine import diagnostics, engine, models
 from refine.card import scores_card
 from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, joined_world, rank_device
@@ -419,10 +419,24 @@ def finish(cfg: ScoreConfig, setup: ScoreSetup, identities: Optional[dict], n_pr
         "world_size": n_processes,  # torchrun ranks, or tasks
         "executor": cfg.executor if uses_executor(cfg) else ("torchrun" if n_processes > 1 else "single"),
         "elapsed_s": round(time.time() - setup.started, 1),
+        "reference_diagnostics": reference_diagnostics(paths, run),
     }
     write_text(output / "README.md", scores_card(manifest, f"{DATA_DIR}/scores-{tag}-*.parquet"))
     files = [p.relative_to(output).as_posix() for p in paths] + ["README.md"]
     return write_manifest(output, manifest, files)
+
+
+# The numeric columns the diagnostics read (never the text or token ids of chunks).
+DIAGNOSTIC_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score", "ref_n_tokens")
+DIAGNOSTIC_ALPHA = 0.5  # the fraction kept that the manifest's figures describe; `refine sample` reports its own
+
+
+def reference_diagnostics(paths: list[Path], run: dict) -> dict:
+    """Whether the reference changes the selection (refine.diagnostics) at alpha 0.5, from the shards' numbers."""
+    present = set(pq.read_schema(paths[0]).names) if paths else set()
+    columns = [c for c in DIAGNOSTIC_COLUMNS if c in present]
+    scores = pa.concat_tables(pq.read_table(p, columns=columns).replace_schema_metadata(None) for p in paths)
+    return diagnostics.table_diagnostics(scores, DIAGNOSTIC_ALPHA, vocab_size=diagnostics.reference_vocab_size(run))
 
 
 def _windows(token_ids, start_id, max_length):
