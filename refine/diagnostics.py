@@ -142,8 +142,9 @@ def summary_line(diagnostics: dict) -> str:
     uniform = f" (uniform guess {d['uniform_nll']:.2f})" if d.get("uniform_nll") else ""
     rho = f"{d['spearman_score_teacher']:.2f}" if d["spearman_score_teacher"] is not None else "undefined"
     return (f"reference: NLL {d['ref_nll_mean']:.2f} ± {d['ref_nll_std']:.2f} nats/token across instances{uniform}; "
-            f"Spearman(score, teacher log-prob/token) {rho}; the top {d['alpha']:.0%} by score shares "
-            f"{d['overlap_with_teacher']:.0%} with the teacher-NLL selection (random: {d['random_overlap']:.0%})")
+            f"Spearman(score, teacher log-prob/token) {rho}; the selection ({d['random_overlap']:.0%} of instances) shares "
+            f"{d['overlap_with_teacher']:.0%} with the teacher-NLL selection of its size (a random one would share "
+            f"{d['random_overlap']:.0%})")
 
 
 def weak_reference_warning(diagnostics: dict, threshold: float) -> Optional[str]:

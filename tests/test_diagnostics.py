@@ -137,7 +137,7 @@ def test_sample_reports_the_diagnostics_of_its_own_selection(tiny_run, tmp_path)
     out = tmp_path / "refined"
     result = invoke("sample", tiny_run / "scores", "--output", out, "--alpha", 0.3, "--weak-reference-overlap", 0)
     assert result.exit_code == 0, result.output
-    assert "reference: NLL" in result.stdout and "top 30% by score" in result.stdout
+    assert "reference: NLL" in result.stdout and "the selection (30% of instances) shares" in result.stdout
     assert sum(line.startswith("warning:") for line in result.stderr.splitlines()) == 1
     manifest = verify(out, "sample")
     kept_ids = pq.read_table(parquet_files(out, manifest), columns=["id"]).column("id").to_pylist()
@@ -183,8 +183,7 @@ def test_pretrain_records_and_prints_the_unigram_baseline(tmp_path):
     meta = json.loads((Path(manifest["token_file"]) / "meta.json").read_text())
     train = np.fromfile(Path(manifest["token_file"]) / "tokens.bin", dtype=meta["dtype"]).tolist()
     cfg = PretrainConfig(data=str(data), model_config="x", tokenizer="x", output="x", eval_fraction=0.2, max_steps=1)
-    _, eval_ds, _ = packed.load_splits(cfg)
-    held_out = packed.eval_sequences(eval_ds, "text", tokenizer, 32, cfg.max_eval_sequences)
+    held_out = packed.eval_sequences(packed.load_splits(cfg).held_out, "text", tokenizer, 32, cfg.max_eval_sequences)
     counts, vocab = Counter(train), len(tokenizer)
     targets = [int(t) for sequence in held_out for t in sequence[1:]]
     by_hand = -sum(math.log((counts[t] + 1) / (len(train) + vocab)) for t in targets) / len(targets)
