@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor  # imports Ray only when run
 from datatrove.pipeline.base import PipelineStep
@@ -34,11 +35,14 @@ class RunTask(PipelineStep):
     name = "refine task"
     type = "refine"
 
-    def __init__(self, run_task: Callable[[int, int], Any]):
+    def __init__(self, run_task: Callable[[int, int], Any], threads: int | None = None):
         super().__init__()
         self.run_task = run_task
+        self.threads = threads
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         self.run_task(rank, world_size)
         return data
 
@@ -58,10 +62,15 @@ def local_workers(cfg) -> int:
     """Tasks at once on this machine: --workers, else one per GPU when the tasks run on GPUs, else all of them (-1)."""
     if cfg.workers:
         return cfg.workers
-    import torch
-
     on_gpus = getattr(cfg, "device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
     return torch.cuda.device_count() if on_gpus else -1
+
+
+def local_threads(n_at_once: int) -> int:
+    """Torch threads per local task: this machine's CPUs shared among the tasks running at once. Each would
+    otherwise start one thread per CPU, and their spinning threads would take turns on the same cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // n_at_once)
 
 
 def logging_dir_for(output: str, given: str | None, n_tasks: int) -> Path:
@@ -83,7 +92,9 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
     step = [RunTask(run_task)]
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
-        return LocalTasks(step, tasks=cfg.tasks, workers=local_workers(cfg), logging_dir=str(logging_dir))
+        n_at_once = local_workers(cfg)
+        step = [RunTask(run_task, threads=local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)))]
+        return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir))
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(
             step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from refine.output import DATA_DIR, claim, content_tag, run_info, write_manifest
 from refine.score import score_table
 
 FILE_TEXT_BYTES = 50 * 2**20  # text per corpus file
+STAGES = ("sample", "report", "push", "pack", "pack-scaling", "score-scaling")
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
 SCORE_SHARD_ROWS = 100_000
@@ -136,6 +138,7 @@ def save_random_model(directory: Path, tokenizer_dir: Path, seed: int) -> Path:
 
 def pack(corpus_dir: Path, tokenizer_dir: Path, run_dir: Path, workers: int, peak: Path) -> tuple[float, float, float]:
     """(wall s, peak RSS MiB, token file build s) of `refine pretrain ... --max-steps 1` into a fresh token cache."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     wall, rss = measure(["pretrain", str(corpus_dir), "--model-config", str(tokenizer_dir.parent / "student.json"),
                          "--tokenizer", str(tokenizer_dir), "--seq-len", "128", "--micro-batch-size", "1",
                          "--max-steps", "1", "--device", "cpu", "--peak-tflops", "1", "--token-cache", str(run_dir / "tokens"),
@@ -146,7 +149,8 @@ def pack(corpus_dir: Path, tokenizer_dir: Path, run_dir: Path, workers: int, pea
 
 def score_scaling(root: Path, tokenizer_dir: Path, n_docs: int, peak: Path) -> dict:
     """Wall s of `refine score` with 1 process and with --tasks 2 --workers 2, tiny random teacher and reference."""
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     corpus_file = root / "score-corpus.parquet"
     base = build_corpus(2000, seed=1)
     pq.write_table(pa.Table.from_pylist([{"text": f"[{k}] {base[k % len(base)]['text']}"} for k in range(n_docs)]),
@@ -187,7 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-mb", type=int, nargs=2, default=[50, 500], help="text per corpus, in MB (small, large)")
     parser.add_argument("--score-docs", type=int, default=4000, help="documents scored for the scoring speed-up")
-    parser.add_argument("--workdir", default=None, help="where to build the corpora (default: a temp folder)")
+    parser.add_argument("--workdir", default=None, help="where to build the corpora (default: a temp folder); corpora "
+                                                        "and scores found there are reused")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="what to measure")
     options = parser.parse_args()
     root = Path(options.workdir or tempfile.mkdtemp(prefix="refine-bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -196,19 +202,26 @@ def main() -> None:
     results, built = {}, {}
     for size_mb in options.sizes_mb:
         here = root / f"{size_mb}mb"
-        started = time.perf_counter()
-        n_docs = build_corpus_folder(here / "corpus", size_mb * 10**6)
-        write_scores(here / "corpus", here / "scores")
-        print(f"{size_mb} MB: {n_docs:,} documents, corpus and stand-in scores built in {time.perf_counter() - started:.0f} s",
-              flush=True)
-        results[size_mb] = {
-            "sample": measure(["sample", str(here / "scores"), "--alpha", "0.5", "--output", str(here / "refined")], peak),
-            "report": measure(["report", str(here / "scores"), "--group-column", "source", "--output",
-                               str(here / "report.html")], peak),
-            "push": measure(["push", str(here / "refined"), str(here / "pushed")], peak),
-        }
-        wall, rss, built[size_mb] = pack(here / "corpus", tokenizer_dir, here / "pack-1", 1, peak)
-        results[size_mb]["pack (pretrain --max-steps 1)"] = (wall, rss)
+        if not (here / "scores" / "manifest.json").exists():
+            shutil.rmtree(here, ignore_errors=True)
+            started = time.perf_counter()
+            n_docs = build_corpus_folder(here / "corpus", size_mb * 10**6)
+            write_scores(here / "corpus", here / "scores")
+            print(f"{size_mb} MB: {n_docs:,} documents, corpus and stand-in scores built in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+        results[size_mb] = {}
+        if "sample" in options.stages:
+            results[size_mb]["sample"] = measure(["sample", str(here / "scores"), "--alpha", "0.5", "--overwrite",
+                                                  "--output", str(here / "refined")], peak)
+        if "report" in options.stages:
+            results[size_mb]["report"] = measure(["report", str(here / "scores"), "--group-column", "source", "--output",
+                                                  str(here / "report.html")], peak)
+        if "push" in options.stages:
+            shutil.rmtree(here / "pushed", ignore_errors=True)
+            results[size_mb]["push"] = measure(["push", str(here / "refined"), str(here / "pushed")], peak)
+        if "pack" in options.stages:
+            wall, rss, built[size_mb] = pack(here / "corpus", tokenizer_dir, here / "pack-1", 1, peak)
+            results[size_mb]["pack (pretrain --max-steps 1)"] = (wall, rss)
     small, large = options.sizes_mb
     print(f"\nscores: stand-in for the models (deterministic functions of each text's CRC-32); {os.cpu_count()} CPUs")
     print(f"| stage | wall {small} MB (s) | wall {large} MB (s) | wall ratio | peak RSS {small} MB (MiB) | "
@@ -217,22 +230,29 @@ def main() -> None:
     for stage in results[small]:
         (wall_s, rss_s), (wall_l, rss_l) = results[small][stage], results[large][stage]
         print(f"| {stage} | {wall_s:.1f} | {wall_l:.1f} | {wall_l / wall_s:.1f} | {rss_s:.0f} | {rss_l:.0f} | {rss_l / rss_s:.2f} |")
-    print(f"token file build alone (meta.json elapsed_s): {built[small]:.1f} s at {small} MB, {built[large]:.1f} s at "
-          f"{large} MB ({built[large] / max(built[small], 0.1):.1f}x)", flush=True)
-
+    if built:
+        print(f"token file build alone (meta.json elapsed_s): {built[small]:.1f} s at {small} MB, {built[large]:.1f} s "
+              f"at {large} MB ({built[large] / max(built[small], 0.1):.1f}x)", flush=True)
+    if not {"pack-scaling", "score-scaling"} & set(options.stages):
+        return
     print("\n| 2 workers against 1 | 1 worker (s) | 2 workers (s) | speed-up | load average before (1 min) |")
     print("|---|---:|---:|---:|---:|")
-    here = root / f"{small}mb"
+    if "pack-scaling" in options.stages:
+        pack_scaling(root / f"{small}mb", small, tokenizer_dir, peak)
+    if "score-scaling" in options.stages:
+        load = os.getloadavg()[0]
+        scores = score_scaling(root / "score-scaling", tokenizer_dir, options.score_docs, peak)
+        print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores[1]:.1f} | "
+              f"{scores[2]:.1f} | {scores[1] / scores[2]:.2f} | {load:.2f} |")
+
+
+def pack_scaling(here: Path, size_mb: int, tokenizer_dir: Path, peak: Path) -> None:
     load = os.getloadavg()[0]
     packs = {w: pack(here / "corpus", tokenizer_dir, here / f"pack-scaling-{w}", w, peak) for w in (1, 2)}
-    print(f"| packing {small} MB: pretrain --tokenize-workers | {packs[1][0]:.1f} | {packs[2][0]:.1f} | "
+    print(f"| packing {size_mb} MB: pretrain --tokenize-workers | {packs[1][0]:.1f} | {packs[2][0]:.1f} | "
           f"{packs[1][0] / packs[2][0]:.2f} | {load:.2f} |")
-    print(f"| packing {small} MB: token file build alone | {packs[1][2]:.1f} | {packs[2][2]:.1f} | "
+    print(f"| packing {size_mb} MB: token file build alone | {packs[1][2]:.1f} | {packs[2][2]:.1f} | "
           f"{packs[1][2] / packs[2][2]:.2f} | {load:.2f} |", flush=True)
-    load = os.getloadavg()[0]
-    scores = score_scaling(root / "score-scaling", tokenizer_dir, options.score_docs, peak)
-    print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores[1]:.1f} | {scores[2]:.1f} | "
-          f"{scores[1] / scores[2]:.2f} | {load:.2f} |")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,6 @@ def test_cache_resumes_and_refuses_other_packing(kd_setup, teacher_dir):
         pretrain(student_args(kd_setup, teacher_dir, "student", seq_len=16, kd_cache=str(cache)))
 
 
-@pytest.mark.slow  # two runs of 4 datatrove tasks, each a process that imports torch and loads the teacher
 def test_four_tasks_on_two_workers_write_the_cache_of_one_process(kd_setup, teacher_dir):
     single = build_cache(cache_args(kd_setup, teacher_dir, top_k=8, output=str(kd_setup / "single")))
     tasks = build_cache(cache_args(kd_setup, teacher_dir, top_k=8, output=str(kd_setup / "tasks"), tasks=4, workers=2))
