@@ -609,6 +609,15 @@ def arrow_type_for_ids(ids: list) -> pa.DataType:
     return pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()
 
 
+def iter_column_batches(ds, columns: list[str], batch_rows: int = 1000):
+    """`iter_arrow_batches` of these columns only; a streamed corpus parses (parquet: fetches) no other column."""
+    if isinstance(ds, StreamedCorpus):
+        for table in ds.iter_batches(batch_rows, columns):
+            yield from table.combine_chunks().to_batches()
+        return
+    yield from iter_arrow_batches(ds.select_columns(columns), batch_rows)
+
+
 def read_rows(ds, first: int, last: int, columns: list[str]) -> pa.Table:
     """Rows [first, last) of these columns; a streamed corpus reads only the files (or row groups) that hold them."""
     if isinstance(ds, StreamedCorpus):
@@ -741,11 +750,12 @@ class StreamedCorpus:
                     break
         return _concat(tables, self.schema, columns)
 
-    def iter_batches(self, batch_rows: int = 1000):
-        """Every row, in order, as Arrow tables of at most `batch_rows` rows."""
+    def iter_batches(self, batch_rows: int = 1000, columns: Optional[list[str]] = None):
+        """Every row, in order, as Arrow tables of at most `batch_rows` rows (of `columns`, default all)."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         for path in self.files:
-            for _, table in self._file_tables(path, None, batch_rows=batch_rows):
-                yield _conform(table, self.schema)
+            for _, table in self._file_tables(path, columns, batch_rows=batch_rows):
+                yield _conform(table, schema)
 
     def _resume_point(self, file_index: int, row: int) -> tuple[int, int]:
         """The last scanned (row, byte offset) at or before `row` of a jsonl file; (0, 0) when there is none."""

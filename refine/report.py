@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from refine import data as corpus
 from refine import diagnostics
 from refine.config import ReportConfig
 from refine.errors import RefineError
@@ -61,18 +62,22 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     if chunks:
         paths = parquet_files(Path(cfg.scores), manifest)
         return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
+    streamed = isinstance(ds, corpus.StreamedCorpus)
+    if streamed and (ds.rows_per_file is None or (spec["id_column"] and ds.ids is None)):
+        # a remote corpus knows where a row lies (and which row holds an id) only after one streamed pass
+        ds.scan(spec["text_column"], spec["id_column"])
     if spec["id_column"] is None:
         rows = scores.column("id").combine_chunks()
     else:
-        corpus_ids = ds.with_format("arrow")[spec["id_column"]]  # only this column's pages of the memory-mapped corpus
+        # only this column's pages of the memory-mapped corpus; a streamed corpus's ids come from its scan
+        corpus_ids = ds.ids.combine_chunks() if streamed else ds.with_format("arrow")[spec["id_column"]]
         rows = pc.index_in(scores.column("id").combine_chunks().cast(corpus_ids.type), value_set=corpus_ids)
     row_of = rows.to_numpy(zero_copy_only=False)
     return frame, manifest, lambda positions: document_texts(ds, spec["text_column"], row_of[positions])
 
 
 def document_texts(ds, text_column: str, rows: np.ndarray) -> list[str]:
-    texts = ds.select_columns([text_column]).with_format("arrow")
-    return [texts[int(row)][text_column][0].as_py() for row in rows]
+    return [corpus.read_rows(ds, int(row), int(row) + 1, [text_column]).column(text_column)[0].as_py() for row in rows]
 
 
 def chunk_texts(paths: list[Path], text_column: str, positions: np.ndarray) -> list[str]:

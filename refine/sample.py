@@ -219,23 +219,20 @@ def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: np.n
     """Each score row's group (a code into the sorted labels; a null value is the group "None") and the labels.
 
     Only the id and group columns are read, a batch at a time; what is kept is one small integer per instance
-    (and per corpus row when ids are row indices) and one string per distinct group. The scores' ids are
-    hashed once, so each batch is matched in time proportional to its own length.
+    and one string per distinct group. The scores' ids are hashed once, so each batch is matched in time
+    proportional to its own length; row-index ids are matched the same way, so the corpus's row count (which a
+    streamed jsonl corpus does not know before a pass) is never needed.
     """
     codes = np.full(len(score_ids), -1, dtype=np.int64)
     labels: dict[str, int] = {}
-    if id_column is None:  # ids are row indices
-        position_of_row = np.full(len(ds), -1, dtype=np.int64)
-        position_of_row[score_ids.astype(np.int64)] = np.arange(len(score_ids))
-    else:
-        position_of_id = pd.Index(score_ids)
+    position_of_id = pd.Index(score_ids)
     first = 0
-    for batch in corpus.iter_arrow_batches(ds.select_columns([c for c in (group_column, id_column) if c]), BATCH_ROWS):
+    for batch in corpus.iter_column_batches(ds, [c for c in (group_column, id_column) if c], BATCH_ROWS):
         values = pc.fill_null(batch.column(group_column).cast(pa.string()), "None").dictionary_encode()
         local = np.array([labels.setdefault(v, len(labels)) for v in values.dictionary.to_pylist()], dtype=np.int64)
         row_codes = local[values.indices.to_numpy(zero_copy_only=False)]
-        if id_column is None:
-            positions = position_of_row[first : first + batch.num_rows]
+        if id_column is None:  # ids are row indices
+            positions = position_of_id.get_indexer(np.arange(first, first + batch.num_rows))
         else:
             positions = position_of_id.get_indexer(batch.column(id_column).to_numpy(zero_copy_only=False))
         scored = positions >= 0  # blank documents were not scored
