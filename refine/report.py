@@ -218,7 +218,7 @@ def _example_table(part: pd.DataFrame) -> str:
             f"{rows}</table>")
 
 
-def frame_diagnostics(frame: pd.DataFrame, manifest: dict, alpha: float) -> dict:
+def frame_diagnostics(frame: pd.DataFrame, manifest: dict, alpha: Optional[float]) -> dict:
     """refine.diagnostics of the report's own selection, with the reference's NLL per group when there are groups."""
     groups = ((frame["group"].cat.codes.to_numpy(), frame["group"].cat.categories.astype(str))
               if "group" in frame else None)
@@ -319,7 +319,8 @@ def report(cfg: ReportConfig) -> dict:
     validate(cfg)
     with claim_file(cfg.output, "report", GENERATOR, [cfg.scores, cfg.data]):
         frame, manifest, read_texts = scored_frame(cfg)
-        reference = frame_diagnostics(frame, manifest, cfg.alpha)
+        reference = frame_diagnostics(frame, manifest, manifest["selection"]["alpha"])  # None for a token budget
         write_text(Path(cfg.output), render(frame, manifest, cfg, read_texts, reference))
     return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum()),
+            "budget": budget_text(manifest["selection"]),
             "reference_diagnostics": reference}
