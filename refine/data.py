@@ -530,15 +530,17 @@ def _content_digest(ds: datasets.Dataset, text_column: str, id_column: Optional[
     digest = hashlib.sha256()
     columns = [text_column] + ([id_column] if id_column else [])
     if isinstance(ds, StreamedCorpus):
-        batches = _rebatched((t.select(columns) for t in ds.iter_batches(10_000)), 10_000)
+        batches = _rebatched(ds.iter_batches(10_000, columns), 10_000)
     else:
         batches = ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000)
+    n_rows = 0  # counted here: a streamed jsonl/csv corpus not yet scanned has no len()
     for batch in batches:
+        n_rows += batch.num_rows
         for column in columns:
             values = batch.column(column).to_pylist()
             digest.update("\x1e".join("" if v is None else str(v) for v in values).encode("utf-8", "surrogatepass"))
             digest.update(b"\x1d")
-    digest.update(str(len(ds)).encode())
+    digest.update(str(n_rows).encode())
     return digest.hexdigest()
 
 
