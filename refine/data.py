@@ -40,7 +40,7 @@ def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -
     card), a data file, a glob of data files, or a hub dataset name. A path that exists is read as
     exactly that path; `source` is a glob only when no such path exists.
     """
-    if is_remote(source):  # only the stages that stream (score, sample) read URLs: see `open_corpus`
+    if is_remote(source):  # only the stages that stream (score, sample, report) read URLs: see `open_corpus`
         raise RefineError(f"this command cannot read the remote corpus {source!r}; copy it to local disk, or give a hub dataset name")
     path = Path(source).expanduser()
     stage = output_stage(path) if path.is_dir() else None
