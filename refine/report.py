@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 from refine import data as corpus
 from refine import diagnostics
 from refine.config import ReportConfig
-from refine.errors import RefineError
 from refine.output import claim_file, parquet_files, write_text
 from refine.card import budget_text, selection_lines
-from refine.sample import choose, group_codes, open_scored_corpus, read_scores
+from refine.sample import choose, open_scored_corpus, read_groups, read_scores
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -45,13 +44,9 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     frame["ref_nll"] = -frame["ref_logprob"] / ref_tokens
     spec = manifest["data"]
     chunks = manifest["settings"]["unit"] == "chunk"
-    if cfg.group_column and chunks:
-        raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-    ds = None if chunks else open_scored_corpus(cfg.data or spec["source"], spec)
-    if cfg.group_column and cfg.group_column not in ds.column_names:
-        raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
-    groups = (group_codes(ds, spec["id_column"], cfg.group_column, frame["id"].to_numpy()) if cfg.group_column
-              else None)
+    source = cfg.data or spec["source"]
+    ds = None if chunks else open_scored_corpus(source, spec)
+    groups = read_groups(cfg, scores, manifest, source, ds) if cfg.group_column else None  # refuses chunk scores
     kept, _, selection = choose(cfg, scores, "difference", groups, balance_default=None)
     manifest = {**manifest, "selection": selection}
     frame["kept"] = False

@@ -308,11 +308,12 @@ def sample(cfg: SampleConfig) -> dict:
         return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
 
 
-def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str) -> tuple[np.ndarray, list[str]]:
-    """The group of every score row under --group-column (codes and sorted labels), checked before any output."""
+def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str, ds=None) -> tuple[np.ndarray, list[str]]:
+    """The group of every score row under --group-column (codes and sorted labels), checked before any output.
+    `ds`: the corpus at `source`, when the caller has opened it already (`refine report`)."""
     if score_manifest["settings"]["unit"] == "chunk":
         raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-    ds = open_scored_corpus(source, score_manifest["data"])
+    ds = ds if ds is not None else open_scored_corpus(source, score_manifest["data"])
     if cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: "
                           f"{', '.join(ds.column_names)}")

@@ -94,6 +94,10 @@ def test_report_on_chunks_reads_each_example_text_from_its_score_shard(tmp_path,
     for _, chunk in scores.sort_values(["score", "id"], ascending=[False, True]).iloc[[0, 1, -2, -1]].iterrows():
         start = page.index(f"<tr><td>{chunk['id']}</td>")
         assert f"<pre>{html.escape(chunk['text'][:400])}" in page[start : page.index("</tr>", start)]
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "scores"), "--group-column", "domain",
+                                      "--output", str(tmp_path / "grouped.html")])
+    assert result.exit_code == 2 and "--group-column needs document-level scores" in result.stderr
+    assert not (tmp_path / "grouped.html").exists()
 
 
 def test_report_with_samples_flags_shows_what_that_sample_kept_per_group(tiny_run, tmp_path):
