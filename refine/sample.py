@@ -494,12 +494,17 @@ def _write_dataset(claimed: Claim, batches, manifest: dict, shard_size_mb: int) 
         tag = content_tag(manifest)
         (staging / DATA_DIR).mkdir()
         shards = ShardWriter(staging / DATA_DIR, f"train-{tag}", shard_size_mb * 2**20)
+        written = 0
         try:
             for table in batches:
                 shards.write(table)
+                written += table.num_rows
             files = [p.relative_to(staging).as_posix() for p in shards.close()]
         except OSError as e:
             raise write_fault(e, staging) from None
+        if written != manifest["instances_after"]:  # a corpus whose fingerprint could not tell it had changed
+            raise RefineError(f"the corpus holds {written} of the {manifest['instances_after']} kept instances; give the "
+                              "corpus the scores were made from, or rescore")
         write_text(staging / "README.md", refined_card(manifest, f"{DATA_DIR}/train-{tag}-*.parquet"))
         sealed = write_manifest(staging, manifest, [*files, "README.md"])
         claimed.commit(staging)

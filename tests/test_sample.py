@@ -426,3 +426,23 @@ def test_groups_and_report_examples_of_a_streamed_corpus_match_its_local_copy(
     assert found["remote"] == found["local"]
     assert found["local"][2] == [r["text"] for r in rows if r["text"].strip()]  # blank documents were not scored
     assert set(found["local"][0]) == {"a", "b"}
+
+
+def test_kept_instances_missing_from_the_corpus_stop_sample_before_any_output(tmp_path, teacher_dir, reference_dir):
+    import fsspec
+
+    from conftest import CORPUS
+    from refine.config import ScoreConfig
+    from refine.score import score
+    from test_data import write_parts
+
+    fs, folder = fsspec.filesystem("memory"), f"/{tmp_path.name}/ids"
+    rows = [{"text": text, "doc": f"doc-{k}"} for k, text in enumerate(CORPUS)]
+    write_parts(fs, folder, "jsonl", rows)
+    score(ScoreConfig(data=f"memory://{folder}/*.jsonl", teacher=str(teacher_dir), reference=str(reference_dir),
+                      max_length=16, id_column="doc", output=str(tmp_path / "scores")))
+    # the same bytes but other ids: memory:// gives files no version tag, so the fingerprint cannot tell
+    write_parts(fs, folder, "jsonl", [{**r, "doc": r["doc"].replace("doc-", "dox-")} for r in rows])
+    with pytest.raises(RefineError, match=r"the corpus holds 0 of the \d+ kept instances"):
+        sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1))
+    assert not (tmp_path / "refined").exists()
