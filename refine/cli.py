@@ -259,7 +259,7 @@ def report_command(cfg: ReportConfig) -> None:
     from refine.report import report
 
     result = _stage(lambda: report(cfg))
-    typer.echo(f"wrote {result['output']}: {result['kept']} of {result['instances']} instances kept at this alpha")
+    typer.echo(f"wrote {result['output']}: {result['kept']} of {result['instances']} instances kept at {result['budget']}")
     _echo_reference_check(result.get("reference_diagnostics"), cfg.weak_reference_overlap)
 
 

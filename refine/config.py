@@ -115,13 +115,14 @@ class TaskArgs(Checked):
     )
     tasks: int = option(1, "Independent tasks the shards are dealt to (task t takes shards t, t+N, ...); each loads the "
                            "model(s) once and can fail and be rerun alone.", result=False, check=at_least(1))
-    workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: all of them.",
-                                    result=False, check=at_least(1))
+    workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: local, "
+                                          "one per GPU when the tasks run on GPUs (--device auto or cuda), else all of "
+                                          "them; Slurm/Ray: all of them.", result=False, check=at_least(1))
     logging_dir: Optional[str] = option(
         None, "Task logs and completion files (datatrove's logging dir; Slurm logs too); default `.<output name>.tasks` "
               "beside --output. Must be reachable from every task.", result=False)
     cpus_per_task: int = option(1, "Slurm/Ray: CPUs reserved per task.", result=False, check=at_least(1))
-    gpus_per_task: int = option(0, "Slurm/Ray: GPUs reserved per task (each task scores on its own GPU).", result=False,
+    gpus_per_task: int = option(0, "Slurm/Ray: GPUs reserved per task (each task runs on its own GPU).", result=False,
                                 check=at_least(0))
     mem_per_cpu_gb: float = option(2.0, "Slurm/Ray: memory reserved per CPU, in GB.", result=False, check=positive())
     slurm_partition: Optional[str] = option(None, "Slurm partition to submit to (needed with --executor slurm).", result=False)
@@ -461,8 +462,8 @@ class EvalConfig(CorpusArgs):
     output: Optional[str] = required("Directory for results.json, results.md, results.png and manifest.json.",
                                      result=False)
     data: Optional[str] = option(
-        None, "Held-out corpus (any DATA form that `refine score` accepts): each model's loss per token and bits per "
-              "byte on it. Give --data, --tasks or both."
+        None, "Held-out corpus (any local or hub DATA form that `refine score` accepts; not a remote URL): each model's "
+              "loss per token and bits per byte on it. Give --data, --tasks or both."
     )
     group_column: Optional[str] = option(None, "Corpus column whose values split the held-out numbers into groups "
                                                "(e.g. domain, source).")

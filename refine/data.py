@@ -40,7 +40,7 @@ def load_corpus(source: str, split: str = "train", name: Optional[str] = None) -
     card), a data file, a glob of data files, or a hub dataset name. A path that exists is read as
     exactly that path; `source` is a glob only when no such path exists.
     """
-    if is_remote(source):  # only the stages that stream (score, sample) read URLs: see `open_corpus`
+    if is_remote(source):  # only the stages that stream (score, sample, report) read URLs: see `open_corpus`
         raise RefineError(f"this command cannot read the remote corpus {source!r}; copy it to local disk, or give a hub dataset name")
     path = Path(source).expanduser()
     stage = output_stage(path) if path.is_dir() else None
@@ -530,15 +530,17 @@ def _content_digest(ds: datasets.Dataset, text_column: str, id_column: Optional[
     digest = hashlib.sha256()
     columns = [text_column] + ([id_column] if id_column else [])
     if isinstance(ds, StreamedCorpus):
-        batches = _rebatched((t.select(columns) for t in ds.iter_batches(10_000)), 10_000)
+        batches = _rebatched(ds.iter_batches(10_000, columns), 10_000)
     else:
         batches = ds.select_columns(columns).with_format("arrow").iter(batch_size=10_000)
+    n_rows = 0  # counted here: a streamed jsonl/csv corpus not yet scanned has no len()
     for batch in batches:
+        n_rows += batch.num_rows
         for column in columns:
             values = batch.column(column).to_pylist()
             digest.update("\x1e".join("" if v is None else str(v) for v in values).encode("utf-8", "surrogatepass"))
             digest.update(b"\x1d")
-    digest.update(str(len(ds)).encode())
+    digest.update(str(n_rows).encode())
     return digest.hexdigest()
 
 
@@ -607,6 +609,15 @@ def _stream_columns(path: str) -> Optional[list[str]]:
 
 def arrow_type_for_ids(ids: list) -> pa.DataType:
     return pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()
+
+
+def iter_column_batches(ds, columns: list[str], batch_rows: int = 1000):
+    """`iter_arrow_batches` of these columns only; a streamed corpus parses (parquet: fetches) no other column."""
+    if isinstance(ds, StreamedCorpus):
+        for table in ds.iter_batches(batch_rows, columns):
+            yield from table.combine_chunks().to_batches()
+        return
+    yield from iter_arrow_batches(ds.select_columns(columns), batch_rows)
 
 
 def read_rows(ds, first: int, last: int, columns: list[str]) -> pa.Table:
@@ -741,11 +752,12 @@ class StreamedCorpus:
                     break
         return _concat(tables, self.schema, columns)
 
-    def iter_batches(self, batch_rows: int = 1000):
-        """Every row, in order, as Arrow tables of at most `batch_rows` rows."""
+    def iter_batches(self, batch_rows: int = 1000, columns: Optional[list[str]] = None):
+        """Every row, in order, as Arrow tables of at most `batch_rows` rows (of `columns`, default all)."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         for path in self.files:
-            for _, table in self._file_tables(path, None, batch_rows=batch_rows):
-                yield _conform(table, self.schema)
+            for _, table in self._file_tables(path, columns, batch_rows=batch_rows):
+                yield _conform(table, schema)
 
     def _resume_point(self, file_index: int, row: int) -> tuple[int, int]:
         """The last scanned (row, byte offset) at or before `row` of a jsonl file; (0, 0) when there is none."""

@@ -127,6 +127,7 @@ class EvalSetup:
     tasks: Optional[TaskPlan]
     device: torch.device
     dtype: torch.dtype
+    tokenizers: list  # one per model, loaded (and checked) before any model
 
 
 def model_names(refs: list[str]) -> list[str]:
@@ -318,8 +319,13 @@ def prepare(cfg: EvalConfig) -> tuple[EvalSetup, Any]:
         heldout = read_heldout(cfg)
         max_length = window_length(cfg, refs)
     device = models.resolve_device(cfg.device)
+    # every tokenizer now, so that a model without one (or without a start token) stops the run before any model loads
+    tokenizers = [models.load_tokenizer(ref, None, cfg.trust_remote_code) for ref in refs]
+    if heldout is not None:
+        for ref, tokenizer in zip(refs, tokenizers):
+            models.start_token_id(tokenizer, ref)
     setup = EvalSetup(started, refs, model_names(refs), heldout, max_length, task_plan, device,
-                      models.resolve_dtype(cfg.dtype, device))
+                      models.resolve_dtype(cfg.dtype, device), tokenizers)
     return setup, manager
 
 
@@ -375,8 +381,7 @@ def task_metrics(results: dict) -> dict:
     return out
 
 
-def evaluate_model(ref: str, name: str, setup: EvalSetup, manager, cfg: EvalConfig) -> dict:
-    tokenizer = models.load_tokenizer(ref, None, cfg.trust_remote_code)
+def evaluate_model(ref: str, name: str, tokenizer, setup: EvalSetup, manager, cfg: EvalConfig) -> dict:
     model = models.load_causal_lm(ref, None, setup.dtype, setup.device, cfg.trust_remote_code)
     record = model_record(ref, name, model)
     if setup.heldout is not None:
@@ -396,7 +401,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     inputs = [cfg.data, *cfg.models, *split_task_specs(cfg.tasks or [])]
     with claim(cfg.output, "eval", inputs, cfg.overwrite, staged=True) as claimed:
         setup, manager = prepare(cfg)
-        records = [evaluate_model(ref, name, setup, manager, cfg) for ref, name in zip(setup.refs, setup.names)]
+        records = [evaluate_model(ref, name, tokenizer, setup, manager, cfg)
+                   for ref, name, tokenizer in zip(setup.refs, setup.names, setup.tokenizers)]
         return finish(cfg, setup, records, claimed)
 
 

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from refine import data as corpus
 from refine import diagnostics
 from refine.config import ReportConfig
-from refine.errors import RefineError
 from refine.output import claim_file, parquet_files, write_text
 from refine.card import budget_text, selection_lines
-from refine.sample import choose, group_codes, open_scored_corpus, read_scores
+from refine.sample import choose, open_scored_corpus, read_groups, read_scores
 
 
 # The mark of a page refine wrote: an existing --output without it is never replaced.
@@ -44,13 +44,9 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     frame["ref_nll"] = -frame["ref_logprob"] / ref_tokens
     spec = manifest["data"]
     chunks = manifest["settings"]["unit"] == "chunk"
-    if cfg.group_column and chunks:
-        raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-    ds = None if chunks else open_scored_corpus(cfg.data or spec["source"], spec)
-    if cfg.group_column and cfg.group_column not in ds.column_names:
-        raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: {', '.join(ds.column_names)}")
-    groups = (group_codes(ds, spec["id_column"], cfg.group_column, frame["id"].to_numpy()) if cfg.group_column
-              else None)
+    source = cfg.data or spec["source"]
+    ds = None if chunks else open_scored_corpus(source, spec)
+    groups = read_groups(cfg, scores, manifest, source, ds) if cfg.group_column else None  # refuses chunk scores
     kept, _, selection = choose(cfg, scores, "difference", groups, balance_default=None)
     manifest = {**manifest, "selection": selection}
     frame["kept"] = False
@@ -61,18 +57,22 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     if chunks:
         paths = parquet_files(Path(cfg.scores), manifest)
         return frame, manifest, lambda positions: chunk_texts(paths, spec["text_column"], positions)
+    streamed = isinstance(ds, corpus.StreamedCorpus)
+    if streamed and (ds.rows_per_file is None or (spec["id_column"] and ds.ids is None)):
+        # a remote corpus knows where a row lies (and which row holds an id) only after one streamed pass
+        ds.scan(spec["text_column"], spec["id_column"])
     if spec["id_column"] is None:
         rows = scores.column("id").combine_chunks()
     else:
-        corpus_ids = ds.with_format("arrow")[spec["id_column"]]  # only this column's pages of the memory-mapped corpus
+        # only this column's pages of the memory-mapped corpus; a streamed corpus's ids come from its scan
+        corpus_ids = ds.ids.combine_chunks() if streamed else ds.with_format("arrow")[spec["id_column"]]
         rows = pc.index_in(scores.column("id").combine_chunks().cast(corpus_ids.type), value_set=corpus_ids)
     row_of = rows.to_numpy(zero_copy_only=False)
     return frame, manifest, lambda positions: document_texts(ds, spec["text_column"], row_of[positions])
 
 
 def document_texts(ds, text_column: str, rows: np.ndarray) -> list[str]:
-    texts = ds.select_columns([text_column]).with_format("arrow")
-    return [texts[int(row)][text_column][0].as_py() for row in rows]
+    return [corpus.read_rows(ds, int(row), int(row) + 1, [text_column]).column(text_column)[0].as_py() for row in rows]
 
 
 def chunk_texts(paths: list[Path], text_column: str, positions: np.ndarray) -> list[str]:
@@ -213,7 +213,7 @@ def _example_table(part: pd.DataFrame) -> str:
             f"{rows}</table>")
 
 
-def frame_diagnostics(frame: pd.DataFrame, manifest: dict, alpha: float) -> dict:
+def frame_diagnostics(frame: pd.DataFrame, manifest: dict, alpha: Optional[float]) -> dict:
     """refine.diagnostics of the report's own selection, with the reference's NLL per group when there are groups."""
     groups = ((frame["group"].cat.codes.to_numpy(), frame["group"].cat.categories.astype(str))
               if "group" in frame else None)
@@ -314,7 +314,8 @@ def report(cfg: ReportConfig) -> dict:
     validate(cfg)
     with claim_file(cfg.output, "report", GENERATOR, [cfg.scores, cfg.data]):
         frame, manifest, read_texts = scored_frame(cfg)
-        reference = frame_diagnostics(frame, manifest, cfg.alpha)
+        reference = frame_diagnostics(frame, manifest, manifest["selection"]["alpha"])  # None for a token budget
         write_text(Path(cfg.output), render(frame, manifest, cfg, read_texts, reference))
     return {"output": cfg.output, "instances": len(frame), "kept": int(frame["kept"].sum()),
+            "budget": budget_text(manifest["selection"]),
             "reference_diagnostics": reference}

@@ -219,23 +219,20 @@ def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: np.n
     """Each score row's group (a code into the sorted labels; a null value is the group "None") and the labels.
 
     Only the id and group columns are read, a batch at a time; what is kept is one small integer per instance
-    (and per corpus row when ids are row indices) and one string per distinct group. The scores' ids are
-    hashed once, so each batch is matched in time proportional to its own length.
+    and one string per distinct group. The scores' ids are hashed once, so each batch is matched in time
+    proportional to its own length; row-index ids are matched the same way, so the corpus's row count (which a
+    streamed jsonl corpus does not know before a pass) is never needed.
     """
     codes = np.full(len(score_ids), -1, dtype=np.int64)
     labels: dict[str, int] = {}
-    if id_column is None:  # ids are row indices
-        position_of_row = np.full(len(ds), -1, dtype=np.int64)
-        position_of_row[score_ids.astype(np.int64)] = np.arange(len(score_ids))
-    else:
-        position_of_id = pd.Index(score_ids)
+    position_of_id = pd.Index(score_ids)
     first = 0
-    for batch in corpus.iter_arrow_batches(ds.select_columns([c for c in (group_column, id_column) if c]), BATCH_ROWS):
+    for batch in corpus.iter_column_batches(ds, [c for c in (group_column, id_column) if c], BATCH_ROWS):
         values = pc.fill_null(batch.column(group_column).cast(pa.string()), "None").dictionary_encode()
         local = np.array([labels.setdefault(v, len(labels)) for v in values.dictionary.to_pylist()], dtype=np.int64)
         row_codes = local[values.indices.to_numpy(zero_copy_only=False)]
-        if id_column is None:
-            positions = position_of_row[first : first + batch.num_rows]
+        if id_column is None:  # ids are row indices
+            positions = position_of_id.get_indexer(np.arange(first, first + batch.num_rows))
         else:
             positions = position_of_id.get_indexer(batch.column(id_column).to_numpy(zero_copy_only=False))
         scored = positions >= 0  # blank documents were not scored
@@ -311,11 +308,12 @@ def sample(cfg: SampleConfig) -> dict:
         return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
 
 
-def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str) -> tuple[np.ndarray, list[str]]:
-    """The group of every score row under --group-column (codes and sorted labels), checked before any output."""
+def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str, ds=None) -> tuple[np.ndarray, list[str]]:
+    """The group of every score row under --group-column (codes and sorted labels), checked before any output.
+    `ds`: the corpus at `source`, when the caller has opened it already (`refine report`)."""
     if score_manifest["settings"]["unit"] == "chunk":
         raise RefineError("--group-column needs document-level scores; chunks mix documents of several groups")
-    ds = open_scored_corpus(source, score_manifest["data"])
+    ds = ds if ds is not None else open_scored_corpus(source, score_manifest["data"])
     if cfg.group_column not in ds.column_names:
         raise RefineError(f"corpus has no column {cfg.group_column!r}; pass --group-column with one of: "
                           f"{', '.join(ds.column_names)}")
@@ -496,12 +494,17 @@ def _write_dataset(claimed: Claim, batches, manifest: dict, shard_size_mb: int) 
         tag = content_tag(manifest)
         (staging / DATA_DIR).mkdir()
         shards = ShardWriter(staging / DATA_DIR, f"train-{tag}", shard_size_mb * 2**20)
+        written = 0
         try:
             for table in batches:
                 shards.write(table)
+                written += table.num_rows
             files = [p.relative_to(staging).as_posix() for p in shards.close()]
         except OSError as e:
             raise write_fault(e, staging) from None
+        if written != manifest["instances_after"]:  # a corpus whose fingerprint could not tell it had changed
+            raise RefineError(f"the corpus holds {written} of the {manifest['instances_after']} kept instances; give the "
+                              "corpus the scores were made from, or rescore")
         write_text(staging / "README.md", refined_card(manifest, f"{DATA_DIR}/train-{tag}-*.parquet"))
         sealed = write_manifest(staging, manifest, [*files, "README.md"])
         claimed.commit(staging)

@@ -296,7 +296,7 @@ def write_parts(fs, folder: str, extension: str, rows=STREAM_ROWS, sizes=(4, 3, 
 def test_a_streamed_corpus_reads_the_rows_of_its_local_copy(tmp_path, extension):
     import fsspec
 
-    from refine.data import StreamedCorpus, iter_arrow_batches, open_corpus, read_rows
+    from refine.data import StreamedCorpus, iter_arrow_batches, iter_column_batches, open_corpus, read_rows
 
     remote = f"memory://{tmp_path.name}/{extension}"
     write_parts(fsspec.filesystem("memory"), remote, extension)
@@ -314,6 +314,10 @@ def test_a_streamed_corpus_reads_the_rows_of_its_local_copy(tmp_path, extension)
             {"text": r["text"], "doc": r["doc"]} for r in every[first:last]], (first, last)
     assert [r for b in iter_arrow_batches(streamed, 3) for r in b.to_pylist()] == every
     assert corpus_fingerprint(streamed, "text", "doc", full=True) == corpus_fingerprint(local, "text", "doc", full=True)
+    # as `refine sample` reopens it: not scanned, so without a row count; the content hash and a column pass need none
+    fresh = open_corpus(f"{remote}/*.{extension}")
+    assert corpus_fingerprint(fresh, "text", "doc", full=True) == corpus_fingerprint(local, "text", "doc", full=True)
+    assert [r for b in iter_column_batches(fresh, ["doc"], 3) for r in b.to_pylist()] == [{"doc": r["doc"]} for r in every]
 
 
 def test_a_task_opens_a_streamed_corpus_from_the_driver_s_scan_without_reading_it(tmp_path, monkeypatch):

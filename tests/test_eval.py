@@ -206,6 +206,20 @@ def test_errors_are_one_line_before_any_model_loads(model_dirs, heldout_file, tm
     assert not out.exists()
 
 
+def test_a_tokenizer_without_a_start_token_stops_the_run_before_any_model_loads(model_dirs, heldout_file, tmp_path):
+    import shutil
+
+    no_weights = shutil.copytree(model_dirs[0], tmp_path / "no-weights")  # loading this model would be the first error
+    (no_weights / "model.safetensors").unlink()
+    no_start = shutil.copytree(model_dirs[1], tmp_path / "no-start")
+    tokenizer = AutoTokenizer.from_pretrained(no_start)
+    tokenizer.bos_token = tokenizer.eos_token = None
+    tokenizer.save_pretrained(no_start)
+    error = one_line_error([no_weights, no_start, "--data", heldout_file, "--output", tmp_path / "out"])
+    assert "neither a BOS nor an EOS token" in error and "no-start" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_and_hub_tasks_are_refused_offline_before_any_model_loads(tmp_path):
     # `org/never-loaded` is a hub id that is never fetched: the task checks come before any model loads.
     unknown = one_line_error(["org/never-loaded", "--tasks", "no_such_task,piqa", "--output", tmp_path / "out"])

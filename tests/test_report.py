@@ -17,7 +17,7 @@ def report_file(tiny_run, tmp_path_factory):
     output = tmp_path_factory.mktemp("report") / "report.html"
     result = CliRunner().invoke(app, ["report", str(tiny_run / "scores"), "--group-column", "domain", "--output", str(output)])
     assert result.exit_code == 0, result.output
-    assert "15 of 30 instances kept" in result.stdout
+    assert "15 of 30 instances kept at alpha=0.5" in result.stdout
     return output
 
 
@@ -94,6 +94,10 @@ def test_report_on_chunks_reads_each_example_text_from_its_score_shard(tmp_path,
     for _, chunk in scores.sort_values(["score", "id"], ascending=[False, True]).iloc[[0, 1, -2, -1]].iterrows():
         start = page.index(f"<tr><td>{chunk['id']}</td>")
         assert f"<pre>{html.escape(chunk['text'][:400])}" in page[start : page.index("</tr>", start)]
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "scores"), "--group-column", "domain",
+                                      "--output", str(tmp_path / "grouped.html")])
+    assert result.exit_code == 2 and "--group-column needs document-level scores" in result.stderr
+    assert not (tmp_path / "grouped.html").exists()
 
 
 def test_report_with_samples_flags_shows_what_that_sample_kept_per_group(tiny_run, tmp_path):
@@ -109,7 +113,7 @@ def test_report_with_samples_flags_shows_what_that_sample_kept_per_group(tiny_ru
     scores = pd.concat([pd.read_parquet(p) for p in sorted((tiny_run / "scores" / "data").glob("*.parquet"))])
     scores["domain"] = pd.read_json(tiny_run / "corpus.jsonl", lines=True)["domain"].to_numpy()[scores["id"]]
     page = (tmp_path / "r.html").read_text()
-    assert f"{len(refined)} of 30 instances kept" in result.stdout
+    assert f"{len(refined)} of 30 instances kept at token-fraction=0.4" in result.stdout
     assert f"{refined['n_tokens'].sum() / scores['n_tokens'].sum():.1%} of tokens" in page  # the selected token share
     assert "no single score separates" in page and "within each group of `domain`, by equal shares" in page
     for domain, group in scores.groupby("domain"):

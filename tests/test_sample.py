@@ -399,3 +399,50 @@ def test_a_corpus_on_s3_is_scored_and_sampled_as_a_stream_like_its_local_copy(
     with pytest.raises(RefineError, match="files fingerprint mismatch"):
         sample(SampleConfig(scores=str(tmp_path / "from-local" / "scores"), data=f"s3://corpora/c/*.{extension}",
                             output=str(tmp_path / "mixed"), alpha=0.5))
+
+
+@pytest.mark.parametrize("extension, id_column", [("jsonl", None), ("parquet", "doc")])
+def test_groups_and_report_examples_of_a_streamed_corpus_match_its_local_copy(
+        tmp_path, teacher_dir, reference_dir, s3_endpoint, extension, id_column):
+    import fsspec
+
+    from conftest import CORPUS
+    from refine.config import ReportConfig, ScoreConfig
+    from refine.report import scored_frame
+    from refine.score import score
+    from test_data import write_parts
+
+    rows = [{"text": text, "doc": f"doc-{k}", "domain": "ab"[k % 3 == 0]} for k, text in enumerate(CORPUS)]
+    write_parts(fsspec.filesystem("s3"), "corpora/g", extension, rows)
+    write_parts(fsspec.filesystem("file"), str(tmp_path / "local-corpus"), extension, rows)
+    found = {}
+    for where, data in (("remote", f"s3://corpora/g/*.{extension}"), ("local", str(tmp_path / "local-corpus"))):
+        scores = str(tmp_path / where / "scores")
+        score(ScoreConfig(data=data, teacher=str(teacher_dir), reference=str(reference_dir), max_length=16,
+                          id_column=id_column, output=scores))
+        manifest = sample(SampleConfig(scores=scores, output=str(tmp_path / where / "refined"), group_column="domain"))
+        frame, _, read_texts = scored_frame(ReportConfig(scores=scores, group_column="domain"))
+        found[where] = manifest["groups"], frame["group"].tolist(), read_texts(np.arange(len(frame)))
+    assert found["remote"] == found["local"]
+    assert found["local"][2] == [r["text"] for r in rows if r["text"].strip()]  # blank documents were not scored
+    assert set(found["local"][0]) == {"a", "b"}
+
+
+def test_kept_instances_missing_from_the_corpus_stop_sample_before_any_output(tmp_path, teacher_dir, reference_dir):
+    import fsspec
+
+    from conftest import CORPUS
+    from refine.config import ScoreConfig
+    from refine.score import score
+    from test_data import write_parts
+
+    fs, folder = fsspec.filesystem("memory"), f"/{tmp_path.name}/ids"
+    rows = [{"text": text, "doc": f"doc-{k}"} for k, text in enumerate(CORPUS)]
+    write_parts(fs, folder, "jsonl", rows)
+    score(ScoreConfig(data=f"memory://{folder}/*.jsonl", teacher=str(teacher_dir), reference=str(reference_dir),
+                      max_length=16, id_column="doc", output=str(tmp_path / "scores")))
+    # the same bytes but other ids: memory:// gives files no version tag, so the fingerprint cannot tell
+    write_parts(fs, folder, "jsonl", [{**r, "doc": r["doc"].replace("doc-", "dox-")} for r in rows])
+    with pytest.raises(RefineError, match=r"the corpus holds 0 of the \d+ kept instances"):
+        sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1))
+    assert not (tmp_path / "refined").exists()
