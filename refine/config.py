@@ -138,7 +138,7 @@ class TaskArgs(Checked):
 class ReferenceCheckArgs(Checked):
     """When to call the reference too weak to matter; shared by the stages that print that warning."""
 
-    # Issue 14 (SmolLM2-135M teacher): a 2.4M reference trained 80 steps on the teacher's 49k vocabulary overlapped
+    # Measured with the SmolLM2-135M teacher: a 2.4M reference trained 80 steps on the teacher's 49k vocabulary overlapped
     # 97% (near-uniform NLL everywhere); a 1.4M one with its own 4,096 vocabulary, 400 steps, per-byte scores, 60%.
     weak_reference_overlap: float = option(
         0.9,

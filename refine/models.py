@@ -59,13 +59,18 @@ def load_tokenizer(ref: str, revision: Optional[str] = None, trust_remote_code: 
 
     source = resolve_model_source(ref, revision, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, revision=source.revision, trust_remote_code=trust_remote_code
         )
     except RefineError:
         raise
     except Exception as e:
         raise _from_pretrained_error(ref, "tokenizer", e) from None
+    # A model directory without tokenizer files gives transformers' empty tokenizer (a vocabulary of one or none).
+    if len(tokenizer) < 2:
+        raise RefineError(f"{ref!r} holds no tokenizer (no tokenizer files were found); save the tokenizer beside the "
+                          "model (tokenizer.save_pretrained) or give one that has it")
+    return tokenizer
 
 
 def load_causal_lm(

@@ -121,3 +121,15 @@ def test_resolve_dtype():
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
     with pytest.raises(RefineError, match="unknown dtype 'fp8'; use auto, float32, bfloat16, float16"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from refine.models import load_tokenizer
+
+    # Qwen2's tokenizer class builds an empty vocabulary from no files instead of failing
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
+    with pytest.raises(RefineError, match="holds no tokenizer"):
+        load_tokenizer(str(tmp_path / "model"))
