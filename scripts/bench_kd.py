@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment import train_student_tokenizer  # noqa: E402  (the same small BPE as the experiment's students)
+from experiment import train_bpe_tokenizer  # noqa: E402  (the same small BPE as the experiment's students)
 
 TEACHER = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True}
@@ -71,7 +71,7 @@ def main() -> None:
         held_out, train = docs[:60], docs[60:]
         (work / "train.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in train))
         (work / "eval.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in held_out))
-        tokenizer_dir = train_student_tokenizer(work / "train.jsonl", work / "tokenizer", 2048)
+        tokenizer_dir = train_bpe_tokenizer(work / "train.jsonl", work / "tokenizer", 2048)
         for name, config in (("teacher", TEACHER), ("student", STUDENT)):
             (work / f"{name}.json").write_text(json.dumps(config))
         common = dict(data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"), tokenizer=str(tokenizer_dir),
