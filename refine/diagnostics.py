@@ -20,7 +20,7 @@ Pure functions of numpy arrays; O(instances) numbers.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -157,18 +157,16 @@ def weak_reference_warning(diagnostics: dict, threshold: float) -> Optional[str]
             f"{d['ref_nll_mean']:.2f} ± {d['ref_nll_std']:.2f} nats/token); {WEAK_REFERENCE_FIX}")
 
 
-def unigram_cross_entropy(train_tokens: np.ndarray, held_out_targets: np.ndarray, vocab_size: int,
-                          chunk_tokens: int = 2**24) -> float:
-    """Cross-entropy (nats/token) on `held_out_targets` of a unigram model fitted on `train_tokens`.
+def unigram_cross_entropy(train_chunks: Iterable[np.ndarray], held_out_targets: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on `held_out_targets` of a unigram model fitted on the training tokens.
 
     Add-one (Laplace) smoothing over the whole vocabulary: p(t) = (count(t) + 1) / (N + V), so a token never
-    seen in training still has a finite loss. The counts are taken `chunk_tokens` at a time, so a memory-mapped
-    token file of any size is read once without being copied into memory.
+    seen in training still has a finite loss. The training tokens come in chunks (e.g. `TokenFile.chunks()`),
+    so a token file of any size is counted without being held in memory.
     """
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, len(train_tokens), chunk_tokens):
-        counts += np.bincount(np.asarray(train_tokens[start : start + chunk_tokens], dtype=np.int64),
-                              minlength=vocab_size)[:vocab_size]
+    for chunk in train_chunks:
+        counts += np.bincount(np.asarray(chunk, dtype=np.int64), minlength=vocab_size)[:vocab_size]
     log_p = np.log(counts + 1.0) - math.log(int(counts.sum()) + vocab_size)
     return float(-log_p[np.asarray(held_out_targets, dtype=np.int64)].mean())
 

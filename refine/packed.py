@@ -68,6 +68,13 @@ class TokenFile:
             raise OSError(f"{directory / TOKENS} holds {len(tokens)} tokens, its meta.json says {meta['n_tokens']}")
         return cls(directory, tokens, meta)
 
+    def chunks(self, chunk_tokens: int = 2**24):
+        """The whole token file, `chunk_tokens` at a time, with ordinary reads: pages touched through the memory map
+        would stay resident (counted in this process's memory) for the rest of the run."""
+        with open(self.directory / TOKENS, "rb") as f:
+            while len(chunk := np.fromfile(f, dtype=self.tokens.dtype, count=chunk_tokens)):
+                yield chunk
+
     def n_sequences(self, seq_len: int) -> int:
         return len(self.tokens) // seq_len
 

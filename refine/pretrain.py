@@ -311,7 +311,7 @@ def unigram_baseline(data: TrainData) -> float:
     """Held-out loss (nats/token) of a unigram model fitted on the training tokens, on the tokens `evaluate` predicts
     (every held-out token but the first of each sequence): what a model that learnt only token frequencies scores."""
     targets = np.concatenate([sequence[1:] for sequence in data.held_out])
-    return diagnostics.unigram_cross_entropy(data.tokens.tokens, targets, len(data.tokenizer))
+    return diagnostics.unigram_cross_entropy(data.tokens.chunks(), targets, len(data.tokenizer))
 
 
 def setup_trainer(cfg: PretrainConfig, world: World, data: TrainData, model_config) -> Trainer:

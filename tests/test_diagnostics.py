@@ -100,8 +100,8 @@ def test_unigram_cross_entropy_equals_a_hand_computation():
     train, held_out, vocab = np.array([0, 0, 1, 2, 0, 1], dtype=np.uint16), np.array([0, 3, 1]), 5
     # Add-one: p(t) = (count + 1) / (6 + 5); counts 0:3, 1:2, 2:1, 3:0, 4:0.
     by_hand = -(math.log(4 / 11) + math.log(1 / 11) + math.log(3 / 11)) / 3
-    assert diagnostics.unigram_cross_entropy(train, held_out, vocab) == pytest.approx(by_hand, abs=1e-12)
-    assert diagnostics.unigram_cross_entropy(train, held_out, vocab, chunk_tokens=4) == pytest.approx(by_hand, abs=1e-12)
+    assert diagnostics.unigram_cross_entropy([train], held_out, vocab) == pytest.approx(by_hand, abs=1e-12)
+    assert diagnostics.unigram_cross_entropy([train[:4], train[4:]], held_out, vocab) == pytest.approx(by_hand, abs=1e-12)
 
 
 def independent_overlap(scores_dir, kept_ids=None, alpha=0.5) -> float:

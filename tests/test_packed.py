@@ -109,3 +109,14 @@ def test_a_killed_build_resumes_from_its_finished_parts(tmp_path, teacher_dir):
     # a finished directory is reused as it is, whoever asks
     assert build(directory, ds, None, "text", tokenizer, {}, workers=2).tokens.tolist() == resumed.tokens.tolist()
 
+
+
+def test_token_file_chunks_read_the_whole_file_in_order(tmp_path):
+    from refine.packed import META, TOKENS, TokenFile
+
+    tokens = np.arange(10, dtype=np.uint16)
+    tokens.tofile(tmp_path / TOKENS)
+    (tmp_path / META).write_text(json.dumps({"dtype": "uint16", "n_tokens": 10}))
+    chunks = list(TokenFile.open(tmp_path).chunks(chunk_tokens=4))
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert np.array_equal(np.concatenate(chunks), tokens)
