@@ -136,19 +136,21 @@ def save_random_model(directory: Path, tokenizer_dir: Path, seed: int) -> Path:
     return directory
 
 
-def pack(corpus_dir: Path, tokenizer_dir: Path, run_dir: Path, workers: int, peak: Path) -> tuple[float, float, float]:
+def pack(corpus_dir: Path, tokenizer_dir: Path, run_dir: Path, workers: int, peak: Path,
+         env: dict | None = None) -> tuple[float, float, float]:
     """(wall s, peak RSS MiB, token file build s) of `refine pretrain ... --max-steps 1` into a fresh token cache."""
     shutil.rmtree(run_dir, ignore_errors=True)
     wall, rss = measure(["pretrain", str(corpus_dir), "--model-config", str(tokenizer_dir.parent / "student.json"),
                          "--tokenizer", str(tokenizer_dir), "--seq-len", "128", "--micro-batch-size", "1",
                          "--max-steps", "1", "--device", "cpu", "--peak-tflops", "1", "--token-cache", str(run_dir / "tokens"),
-                         "--tokenize-workers", str(workers), "--output", str(run_dir / "student")], peak)
+                         "--tokenize-workers", str(workers), "--output", str(run_dir / "student")], peak, env)
     (meta,) = (run_dir / "tokens").glob("*/meta.json")
     return wall, rss, json.loads(meta.read_text())["elapsed_s"]
 
 
 def score_scaling(root: Path, tokenizer_dir: Path, n_docs: int, peak: Path) -> dict:
-    """Wall s of `refine score` with 1 process and with --tasks 2 --workers 2, tiny random teacher and reference."""
+    """Wall s of `refine score` with 1 process (all cores, then one core) and with --tasks 2 --workers 2, tiny random
+    teacher and reference."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     corpus_file = root / "score-corpus.parquet"
@@ -159,9 +161,9 @@ def score_scaling(root: Path, tokenizer_dir: Path, n_docs: int, peak: Path) -> d
     reference = save_random_model(root / "reference", tokenizer_dir, seed=1)
     common = ["score", str(corpus_file), "--teacher", str(teacher), "--reference", str(reference), "--device", "cpu",
               "--max-length", "256", "--shard-size", str(max(1, n_docs // 8))]
-    return {workers: measure([*common, "--output", str(root / f"scores-{workers}"),
-                              *(["--tasks", "2", "--workers", "2"] if workers == 2 else [])], peak)[0]
-            for workers in (1, 2)}
+    return {"1": measure([*common, "--output", str(root / "scores-1")], peak)[0],
+            "1 core": measure([*common, "--output", str(root / "scores-1-core")], peak, ONE_CORE)[0],
+            "2": measure([*common, "--output", str(root / "scores-2"), "--tasks", "2", "--workers", "2"], peak)[0]}
 
 
 # Runs refine's CLI, then writes the process's own peak RSS (VmHWM, in KiB). Not ru_maxrss: on Linux a child's
@@ -177,10 +179,16 @@ finally:
 """
 
 
-def measure(args: list[str], peak_file: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of `refine ARGS` in its own process."""
+# One core for a process: torch's intra-op threads and the fast tokenizers' thread pool both read these.
+ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "RAYON_RS_NUM_CPUS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def measure(args: list[str], peak_file: Path, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of `refine ARGS` in its own process (`env`: extra environment variables)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", STAGE_RUNNER, str(peak_file), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    result = subprocess.run([sys.executable, "-c", STAGE_RUNNER, str(peak_file), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"refine {' '.join(args)} failed:\n{result.stderr.decode()[-2000:]}")
@@ -235,24 +243,27 @@ def main() -> None:
               f"at {large} MB ({built[large] / max(built[small], 0.1):.1f}x)", flush=True)
     if not {"pack-scaling", "score-scaling"} & set(options.stages):
         return
-    print("\n| 2 workers against 1 | 1 worker (s) | 2 workers (s) | speed-up | load average before (1 min) |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| 2 workers against 1 | 1 worker (s) | 1 worker on 1 core (s) | 2 workers (s) | speed-up | "
+          "speed-up over 1 core | load average before (1 min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     if "pack-scaling" in options.stages:
         pack_scaling(root / f"{small}mb", small, tokenizer_dir, peak)
     if "score-scaling" in options.stages:
         load = os.getloadavg()[0]
         scores = score_scaling(root / "score-scaling", tokenizer_dir, options.score_docs, peak)
-        print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores[1]:.1f} | "
-              f"{scores[2]:.1f} | {scores[1] / scores[2]:.2f} | {load:.2f} |")
+        print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores['1']:.1f} | "
+              f"{scores['1 core']:.1f} | {scores['2']:.1f} | {scores['1'] / scores['2']:.2f} | "
+              f"{scores['1 core'] / scores['2']:.2f} | {load:.2f} |")
 
 
 def pack_scaling(here: Path, size_mb: int, tokenizer_dir: Path, peak: Path) -> None:
     load = os.getloadavg()[0]
     packs = {w: pack(here / "corpus", tokenizer_dir, here / f"pack-scaling-{w}", w, peak) for w in (1, 2)}
-    print(f"| packing {size_mb} MB: pretrain --tokenize-workers | {packs[1][0]:.1f} | {packs[2][0]:.1f} | "
-          f"{packs[1][0] / packs[2][0]:.2f} | {load:.2f} |")
-    print(f"| packing {size_mb} MB: token file build alone | {packs[1][2]:.1f} | {packs[2][2]:.1f} | "
-          f"{packs[1][2] / packs[2][2]:.2f} | {load:.2f} |", flush=True)
+    packs["1 core"] = pack(here / "corpus", tokenizer_dir, here / "pack-scaling-1-core", 1, peak, ONE_CORE)
+    for what, k in (("pretrain --tokenize-workers", 0), ("token file build alone", 2)):
+        one, core, two = packs[1][k], packs["1 core"][k], packs[2][k]
+        print(f"| packing {size_mb} MB: {what} | {one:.1f} | {core:.1f} | {two:.1f} | {one / two:.2f} | {core / two:.2f} | "
+              f"{load:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
