@@ -14,12 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from refine import engine
-from refine.config import ScoreConfig
+from refine.config import SampleConfig, ScoreConfig
+from refine.sample import sample
 from refine.score import score
 
 N_DOCS = 24
@@ -61,7 +63,7 @@ def counts(manifest: dict) -> tuple:
 def one_task(corpus, models, tmp_path_factory):
     output = tmp_path_factory.mktemp("one-task") / "scores"
     manifest = score(config(corpus, models, output))
-    return manifest, scores_table(output)
+    return manifest, scores_table(output), output
 
 
 def test_local_executor_two_workers_four_tasks_equals_one_task(corpus, models, tmp_path, one_task):
@@ -74,6 +76,13 @@ def test_local_executor_two_workers_four_tasks_equals_one_task(corpus, models, t
     assert manifest["world_size"] == 4 and manifest["executor"] == "local"
     completions = tmp_path / ".scores.tasks" / "4-tasks" / "completions"
     assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001", "00002", "00003"]
+
+    # ... and the same refined dataset: rows, columns and order.
+    refined = {}
+    for name, scores_dir in (("one task", one_task[2]), ("four tasks", output)):
+        sample(SampleConfig(scores=str(scores_dir), output=str(tmp_path / name), alpha=0.5))
+        refined[name] = datasets.load_dataset(str(tmp_path / name), split="train").to_pandas()
+    assert len(refined["one task"]) == N_DOCS // 2 and refined["one task"].equals(refined["four tasks"])
 
 
 # Stand-ins for Slurm's commands: sbatch records the script and runs every array task of it at once, on this machine,
