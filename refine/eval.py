@@ -227,10 +227,11 @@ def split_task_specs(specs: list[str]) -> list[str]:
 def _import_harness():
     try:
         import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401  (it needs accelerate: checked before any model loads)
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise RefineError("--tasks needs lm-evaluation-harness; pip install lm_eval (or, in a refine checkout, "
-                          "pip install -e '.[eval]')") from None
+        raise RefineError("--tasks needs lm-evaluation-harness and accelerate; pip install lm_eval accelerate (or, in a "
+                          "refine checkout, pip install -e '.[eval]')") from None
     return lm_eval, TaskManager
 
 
