@@ -275,7 +275,9 @@ def sample(cfg: SampleConfig) -> dict:
     data_spec = score_manifest["data"]
     source = cfg.data or data_spec["source"]
     chunks = score_manifest["settings"]["unit"] == "chunk"
-    groups = read_groups(cfg, scores, score_manifest, source) if cfg.group_column else None
+    # Opened (and checked against the scores' manifest) once, before any output; chunks carry their own text.
+    documents = None if chunks else open_scored_corpus(source, data_spec)
+    groups = read_groups(cfg, scores, score_manifest, source, documents) if cfg.group_column else None
     kept, keys, selection = choose(cfg, scores, cfg.method, groups)  # numbers only: a bad budget stops before any output
     with claim(cfg.output, "sample", [cfg.scores, source], cfg.overwrite, staged=True) as claimed:
         kept_scores = scores.take(kept)
@@ -284,7 +286,7 @@ def sample(cfg: SampleConfig) -> dict:
                 open_scored_corpus(cfg.data, data_spec)
             batches = kept_chunks(parquet_files(scores_dir, score_manifest), kept)
         else:
-            batches = kept_documents(open_scored_corpus(source, data_spec), data_spec["id_column"], kept_scores)
+            batches = kept_documents(documents, data_spec["id_column"], kept_scores)
 
         sharp = cfg.method != "random" and cfg.temperature == 0 and groups is None  # one score cut separates kept from dropped
         manifest = {
