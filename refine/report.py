@@ -39,9 +39,7 @@ def scored_frame(cfg: ReportConfig) -> tuple[pd.DataFrame, dict, Callable[[np.nd
     that reads the text of a few rows of the frame (only the examples' text is ever read)."""
     scores, manifest = read_scores(Path(cfg.scores))
     frame = scores.select(["id", "n_tokens", "teacher_logprob", "ref_logprob", "score"]).to_pandas()
-    ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else frame["n_tokens"]
-    frame["teacher_nll"] = -frame["teacher_logprob"] / frame["n_tokens"]
-    frame["ref_nll"] = -frame["ref_logprob"] / ref_tokens
+    frame["teacher_nll"], frame["ref_nll"] = diagnostics.per_token_nlls(scores)
     spec = manifest["data"]
     chunks = manifest["settings"]["unit"] == "chunk"
     source = cfg.data or spec["source"]

@@ -204,15 +204,12 @@ def balance_shares(balance: str, labels: list[str], sizes: np.ndarray) -> list[F
 
 def selection_keys(scores: pa.Table, method: str, seed: int) -> np.ndarray:
     """Per-instance key where larger means "keep" for each selection method."""
-    n_tokens = scores.column("n_tokens").to_numpy().astype(np.float64)
     if method == "difference":
         return scores.column("score").to_numpy()
-    if method == "teacher":  # lowest teacher NLL per token = highest mean log-prob
-        return scores.column("teacher_logprob").to_numpy() / n_tokens
-    if method == "reference":  # per reference token: its own count when it read its own tokenization
-        ref_tokens = scores.column("ref_n_tokens").to_numpy() if "ref_n_tokens" in scores.column_names else n_tokens
-        return scores.column("ref_logprob").to_numpy() / ref_tokens
-    return np.random.default_rng(seed).random(len(n_tokens))
+    if method in ("teacher", "reference"):  # lowest NLL per token (the reference's own tokens when it has them)
+        teacher_nll, ref_nll = diagnostics.per_token_nlls(scores)
+        return -(teacher_nll if method == "teacher" else ref_nll)
+    return np.random.default_rng(seed).random(scores.num_rows)
 
 
 def group_codes(ds, id_column: Optional[str], group_column: str, score_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
