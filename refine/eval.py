@@ -29,7 +29,7 @@ from refine import data as corpus
 from refine import models
 from refine.config import EvalConfig, result_settings
 from refine.errors import RefineError
-from refine.logprobs import document_windows, length_batches, pad_batch, token_logprobs
+from refine.logprobs import TokenBudget, score_sequences, sum_by_document, windows_of
 from refine.output import claim, output_stage, run_info, verify, write_json, write_manifest, write_text
 
 # The zero-shot tasks of the MiniPLM paper (Gu et al., 2025), by their names in lm-evaluation-harness.
@@ -53,23 +53,13 @@ def document_nll(model, documents: list[list[int]], start_id: int, max_length: i
                  progress=None) -> np.ndarray:
     """Per document, the negative log-likelihood (nats, summed over its tokens) under `model`.
 
-    Each document is read as [start] + tokens in windows of at most `max_length` that predict every token once.
+    Each document is read as [start] + tokens in windows of at most `max_length` that predict every token once,
+    batched as `refine score` batches them.
     """
-    windows, owner = [], []
-    for doc, tokens in enumerate(documents):
-        for window in document_windows(tokens, start_id, max_length):
-            windows.append(window)
-            owner.append(doc)
-    window_logprob = np.zeros(len(windows))
-    for batch in length_batches([len(w) for w in windows], max_tokens_per_batch):
-        input_ids, attention_mask = pad_batch([windows[i] for i in batch])
-        logprobs = token_logprobs(model, input_ids.to(model.device), attention_mask.to(model.device))  # (B, T-1)
-        window_logprob[batch] = logprobs.double().sum(1).cpu().numpy()
-        if progress is not None:
-            progress.update(sum(len(windows[i]) - 1 for i in batch))
-    nll = np.zeros(len(documents))
-    np.add.at(nll, owner, -window_logprob)
-    return nll
+    windows, owner = windows_of(documents, start_id, max_length)
+    budget = TokenBudget(max_tokens_per_batch, max_length, model.device)
+    (window_logprob,) = score_sequences([model], windows, budget, model.device, progress)
+    return -sum_by_document(window_logprob, owner, len(documents))
 
 
 def heldout_numbers(nll: np.ndarray, n_tokens: np.ndarray, n_bytes: np.ndarray) -> dict:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from refine.errors import RefineError
 from refine.lm_loss import chunk_rows
 
 # Size of one (chunk tokens x vocabulary) fp32 logits block: ~500 tokens of a 49k vocabulary, which
@@ -112,3 +115,65 @@ def length_batches(lengths: list[int], max_tokens_per_batch: int) -> list[list[i
     if current:
         batches.append(current)
     return batches
+
+
+def windows_of(documents: list[list[int]], start_id: int, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Every document's `document_windows`, one list, with the index of the document each window belongs to."""
+    windows, owner = [], []
+    for doc, tokens in enumerate(documents):
+        for window in document_windows(tokens, start_id, max_length):
+            windows.append(window)
+            owner.append(doc)
+    return windows, owner
+
+
+def sum_by_document(values, owner: list[int], n_docs: int) -> np.ndarray:
+    """Per document, the sum of its windows' `values` (`owner` from `windows_of`)."""
+    total = np.zeros(n_docs)
+    np.add.at(total, owner, values)
+    return total
+
+
+class TokenBudget:
+    """Tokens per batch (sequences x padded length). `None` picks one. On CPU 1024 (or one window):
+    small batches keep activations in cache, and 1024 scored 433 tokens/s against 299 for 8192 with the
+    SmolLM2-135M teacher on 2 cores. On CUDA start at 2**18 and halve whenever a batch runs out of
+    memory (that batch is then redone smaller)."""
+
+    def __init__(self, tokens: int | None, max_length: int, device: torch.device):
+        self.adaptive = tokens is None and device.type == "cuda"
+        self.tokens = tokens or (2**18 if device.type == "cuda" else 1024)
+        self.tokens = max(self.tokens, max_length)
+        self.max_length = max_length
+
+    def shrink(self) -> None:
+        if not self.adaptive or self.tokens // 2 < self.max_length:
+            raise RefineError(
+                f"out of GPU memory with a batch of {self.tokens} tokens; lower --max-tokens-per-batch or --max-length"
+            )
+        self.tokens //= 2
+        tqdm.write(f"out of GPU memory: token budget per batch halved to {self.tokens}")
+
+
+def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, device, progress=None) -> list[np.ndarray]:
+    """Per model, the log-prob sum of each sequence; all models read the same padded batches."""
+    totals = [np.zeros(len(sequences), dtype=np.float64) for _ in models_]
+    remaining = list(range(len(sequences)))
+    while remaining:
+        done = []
+        try:
+            for batch in length_batches([len(sequences[i]) for i in remaining], budget.tokens):
+                members = [remaining[j] for j in batch]
+                input_ids, attention_mask = pad_batch([sequences[i] for i in members])
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                for model, total in zip(models_, totals):
+                    total[members] = token_logprobs(model, input_ids, attention_mask).double().sum(1).cpu().numpy()
+                done.extend(members)
+                if progress is not None:
+                    progress.update(sum(len(sequences[i]) - 1 for i in members))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            budget.shrink()
+        finished = set(done)
+        remaining = [i for i in remaining if i not in finished]
+    return totals

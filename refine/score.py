@@ -34,7 +34,7 @@ from refine.card import scores_card
 from refine.config import ScoreConfig, result_settings
 from refine.distributed import World, joined_world, rank_device
 from refine.errors import RefineError
-from refine.logprobs import document_windows, length_batches, pad_batch, token_logprobs
+from refine.logprobs import TokenBudget, score_sequences, sum_by_document, windows_of
 from refine.output import (DATA_DIR, claim, content_tag, remove_temp_files, run_info, write_json, write_manifest,
                            write_parquet, write_text)
 
@@ -51,51 +51,6 @@ def corpus_chunks(documents: list[list[int]], eos_id: int, max_length: int) -> l
     stream = [t for doc in documents for t in (*doc, eos_id)]
     chunks = [stream[s : s + max_length] for s in range(0, len(stream), max_length)]
     return [c for c in chunks if len(c) >= 2]
-
-
-class TokenBudget:
-    """Tokens per batch (sequences x padded length). `None` picks one. On CPU 1024 (or one window):
-    small batches keep activations in cache, and 1024 scored 433 tokens/s against 299 for 8192 with the
-    SmolLM2-135M teacher on 2 cores. On CUDA start at 2**18 and halve whenever a batch runs out of
-    memory (that batch is then redone smaller)."""
-
-    def __init__(self, tokens: int | None, max_length: int, device: torch.device):
-        self.adaptive = tokens is None and device.type == "cuda"
-        self.tokens = tokens or (2**18 if device.type == "cuda" else 1024)
-        self.tokens = max(self.tokens, max_length)
-        self.max_length = max_length
-
-    def shrink(self) -> None:
-        if not self.adaptive or self.tokens // 2 < self.max_length:
-            raise RefineError(
-                f"out of GPU memory with a batch of {self.tokens} tokens; lower --max-tokens-per-batch or --max-length"
-            )
-        self.tokens //= 2
-        tqdm.write(f"out of GPU memory: token budget per batch halved to {self.tokens}")
-
-
-def score_sequences(models_, sequences: list[list[int]], budget: TokenBudget, device, progress=None) -> list[np.ndarray]:
-    """Per model, the log-prob sum of each sequence; all models read the same padded batches."""
-    totals = [np.zeros(len(sequences), dtype=np.float64) for _ in models_]
-    remaining = list(range(len(sequences)))
-    while remaining:
-        done = []
-        try:
-            for batch in length_batches([len(sequences[i]) for i in remaining], budget.tokens):
-                members = [remaining[j] for j in batch]
-                input_ids, attention_mask = pad_batch([sequences[i] for i in members])
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                for model, total in zip(models_, totals):
-                    total[members] = token_logprobs(model, input_ids, attention_mask).double().sum(1).cpu().numpy()
-                done.extend(members)
-                if progress is not None:
-                    progress.update(sum(len(sequences[i]) - 1 for i in members))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            budget.shrink()
-        finished = set(done)
-        remaining = [i for i in remaining if i not in finished]
-    return totals
 
 
 class TextProgress:
@@ -439,38 +394,23 @@ def reference_diagnostics(paths: list[Path], run: dict) -> dict:
     return diagnostics.table_diagnostics(scores, DIAGNOSTIC_ALPHA, vocab_size=diagnostics.reference_vocab_size(run))
 
 
-def _windows(token_ids, start_id, max_length):
-    windows, owner = [], []
-    for doc, tokens in enumerate(token_ids):
-        for window in document_windows(tokens, start_id, max_length):
-            windows.append(window)
-            owner.append(doc)
-    return windows, owner
-
-
-def _sum_by_document(values, owner, n_docs) -> np.ndarray:
-    total = np.zeros(n_docs)
-    np.add.at(total, owner, values)
-    return total
-
-
 def _score_documents(doc_ids, token_ids, start_id, teacher, reference, cfg, budget, progress, id_type, n_bytes,
                      normalize, own_reference_tokens=None) -> pa.Table:
     """Per document log-prob sums; with `own_reference_tokens` (ids, start id) the reference reads its own tokens."""
-    windows, owner = _windows(token_ids, start_id, cfg.max_length)
+    windows, owner = windows_of(token_ids, start_id, cfg.max_length)
     if own_reference_tokens is None:
         progress.expect(sum(len(w) - 1 for w in windows))
         window_teacher, window_ref = score_sequences([teacher, reference], windows, budget, teacher.device, progress)
         ref_owner, ref_counts = owner, [len(t) for t in token_ids]
     else:
         ref_ids, ref_start = own_reference_tokens
-        ref_windows, ref_owner = _windows(ref_ids, ref_start, cfg.max_length)
+        ref_windows, ref_owner = windows_of(ref_ids, ref_start, cfg.max_length)
         progress.expect(sum(len(w) - 1 for w in windows) + sum(len(w) - 1 for w in ref_windows))
         (window_teacher,) = score_sequences([teacher], windows, budget, teacher.device, progress)
         (window_ref,) = score_sequences([reference], ref_windows, budget, reference.device, progress)
         ref_counts = [len(t) for t in ref_ids]
-    teacher_lp = _sum_by_document(window_teacher, owner, len(token_ids))
-    ref_lp = _sum_by_document(window_ref, ref_owner, len(token_ids))
+    teacher_lp = sum_by_document(window_teacher, owner, len(token_ids))
+    ref_lp = sum_by_document(window_ref, ref_owner, len(token_ids))
     extra = {"n_bytes": pa.array(n_bytes, type=pa.int64())}
     if own_reference_tokens is not None:
         extra["ref_n_tokens"] = pa.array(ref_counts, type=pa.int64())

@@ -2,7 +2,7 @@
 
 (a) baseline: fixed-size batches in corpus order, padded to the batch's longest, full logits,
     `F.cross_entropy(reduction="none")` (as in the MiniPLM code);
-(b) engine: refine.score.score_sequences (length buckets under a token budget, chunked LM head).
+(b) engine: refine.logprobs.score_sequences (length buckets under a token budget, chunked LM head).
 
 Both read the same token sequences (real variable-length documents, cut to --max-length so that
 both score exactly the same tokens). Each arm runs in its own process so peak memory is its own.
@@ -97,7 +97,7 @@ def baseline_logprobs(model, sequences, batch_size, device) -> np.ndarray:
 
 def run_arm(args) -> dict:
     """One arm in this process: load, warm up, time, report."""
-    from refine.score import TokenBudget, score_sequences
+    from refine.logprobs import TokenBudget, score_sequences
 
     def sequence_logprobs(model, sequences, max_tokens_per_batch, device):
         budget = TokenBudget(max_tokens_per_batch, max(len(s) for s in sequences), device)
