@@ -113,8 +113,10 @@ class TaskArgs(Checked):
         "or `ray` (a Ray cluster: --ray-address, else a local one).",
         result=False, check=one_of("local", "slurm", "ray"),
     )
-    tasks: int = option(1, "Independent tasks the shards are dealt to (task t takes shards t, t+N, ...); each loads the "
-                           "model(s) once and can fail and be rerun alone.", result=False, check=at_least(1))
+    tasks: int = option(1, "Independent tasks the work is split into; each can fail and be rerun alone. score and "
+                           "distill-cache: task t takes shards t, t+N, ... and loads the model(s) once; sample: task t "
+                           "writes the kept rows of the t-th of N equal row ranges of the corpus.",
+                        result=False, check=at_least(1))
     workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: local, "
                                           "one per GPU when the tasks run on GPUs (--device auto or cuda), else all of "
                                           "them; Slurm/Ray: all of them.", result=False, check=at_least(1))
@@ -245,7 +247,7 @@ class SelectionArgs(Checked):
 
 
 @dataclass
-class SampleConfig(SelectionArgs, ReferenceCheckArgs):
+class SampleConfig(TaskArgs, SelectionArgs, ReferenceCheckArgs):
     scores: Optional[str] = required("Scores directory written by `refine score`.")
     output: Optional[str] = required("Directory for the refined dataset (Parquet shards that `load_dataset` opens).", result=False)
     method: str = option(

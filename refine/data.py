@@ -620,6 +620,22 @@ def iter_column_batches(ds, columns: list[str], batch_rows: int = 1000):
     yield from iter_arrow_batches(ds.select_columns(columns), batch_rows)
 
 
+def iter_row_range(ds, first: int, last: int, batch_rows: int = 1000):
+    """Rows [first, last) of every column, in order, as Arrow record batches of at most `batch_rows` rows.
+
+    A streamed corpus reads only the files (parquet: row groups; jsonl: from the scanned offset before `first`) that
+    hold them. A plain dataset is sliced through datasets' memory map, which reaches any row without reading the
+    ones before it; the pages it touches count in the process's resident memory until the kernel needs them back.
+    """
+    if isinstance(ds, StreamedCorpus):
+        for table in ds.iter_rows(first, last, batch_rows=batch_rows):
+            yield from _conform(table, ds.schema).combine_chunks().to_batches()
+        return
+    rows = ds.with_format("arrow")
+    for start in range(first, last, batch_rows):
+        yield from rows[start:min(start + batch_rows, last)].combine_chunks().to_batches()
+
+
 def read_rows(ds, first: int, last: int, columns: list[str]) -> pa.Table:
     """Rows [first, last) of these columns; a streamed corpus reads only the files (or row groups) that hold them."""
     if isinstance(ds, StreamedCorpus):
@@ -737,20 +753,24 @@ class StreamedCorpus:
 
     def rows(self, first: int, last: int, columns: Optional[list[str]] = None) -> pa.Table:
         """Rows [first, last) of the concatenated files; only the files (parquet: row groups) that hold them are read."""
-        tables, offset = [], 0
+        return _concat(list(self.iter_rows(first, last, columns)), self.schema, columns)
+
+    def iter_rows(self, first: int, last: int, columns: Optional[list[str]] = None, batch_rows: int = 10_000):
+        """Rows [first, last) as tables of at most `batch_rows` rows, read as `rows` reads them (needs the row counts)."""
+        offset = 0
         for k, (path, n_rows) in enumerate(zip(self.files, self.rows_per_file)):
             start, stop = first - offset, last - offset  # the wanted rows, counted inside this file
             offset += n_rows
             if stop <= 0 or start >= n_rows:
                 continue
-            for table_first, table in self._file_tables(path, columns, skip_rows=start, resume=self._resume_point(k, start)):
+            for table_first, table in self._file_tables(path, columns, skip_rows=start, batch_rows=batch_rows,
+                                                        resume=self._resume_point(k, start)):
                 table_last = table_first + table.num_rows
                 if table_last > start:
                     lo, hi = max(start, table_first), min(stop, table_last)
-                    tables.append(table.slice(lo - table_first, hi - lo))
+                    yield table.slice(lo - table_first, hi - lo)
                 if table_last >= stop:
                     break
-        return _concat(tables, self.schema, columns)
 
     def iter_batches(self, batch_rows: int = 1000, columns: Optional[list[str]] = None):
         """Every row, in order, as Arrow tables of at most `batch_rows` rows (of `columns`, default all)."""

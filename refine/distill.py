@@ -155,11 +155,11 @@ def build_cache(cfg: DistillCacheConfig) -> dict:
     run = {"settings": result_settings(cfg), "teacher": models.model_identity(cfg.teacher, None, cfg.teacher_revision)}
     inputs = [cfg.data, cfg.eval_data, cfg.teacher, cfg.token_cache]
     with joined_world(cfg.device) as world:
-        if world.world_size > 1 and uses_executor(cfg):
+        if world.world_size > 1 and engine.uses_executor(cfg):
             raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
         with world.holding(lambda: claim(cfg.output, "distill-cache", inputs, cfg.overwrite, run)):
             setup = prepare(cfg, world)
-            if uses_executor(cfg):
+            if engine.uses_executor(cfg):
                 identity = _run_tasks(cfg, setup)
             else:
                 done = cache_task(cfg, world.rank, world.world_size, setup, world, show_progress=True)
@@ -168,11 +168,6 @@ def build_cache(cfg: DistillCacheConfig) -> dict:
                     return {"rank": world.rank}
                 identity = done["teacher"]
             return finish(cfg, setup, identity)
-
-
-def uses_executor(cfg: DistillCacheConfig) -> bool:
-    """Whether datatrove runs the tasks (else this process, or each torchrun rank, is one task)."""
-    return cfg.executor != "local" or cfg.tasks > 1
 
 
 @dataclass
@@ -306,7 +301,7 @@ def finish(cfg: DistillCacheConfig, setup: CacheSetup, identity: dict | None) ->
         "token_file": setup.tokens.directory.name, "n_tokens": setup.tokens.meta["n_tokens"], "seq_len": cfg.seq_len,
         "n_sequences": setup.n_sequences, "shard_sequences": cfg.shard_sequences, "n_shards": setup.n_shards,
         "top_k": cfg.top_k, "ids_dtype": ids_type.name, "logprob_dtype": cfg.logprob_dtype,
-        "bytes_per_token": bytes_per_token, "executor": cfg.executor if uses_executor(cfg) else None,
+        "bytes_per_token": bytes_per_token, "executor": cfg.executor if engine.uses_executor(cfg) else None,
         "elapsed_s": round(time.time() - setup.started, 1),
     }
     files = [f"{shard_name(s)}/{name}" for s in range(setup.n_shards) for name in ("ids.npy", "logprobs.npy")]

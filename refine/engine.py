@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor  # imports Ray only when run
 from datatrove.pipeline.base import PipelineStep
@@ -42,6 +41,8 @@ class RunTask(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         if self.threads is not None:
+            import torch  # imported here: sample's tasks run no model and need no torch
+
             torch.set_num_threads(self.threads)
         self.run_task(rank, world_size)
         return data
@@ -58,12 +59,26 @@ class LocalTasks(LocalPipelineExecutor):
             os.environ.pop(TASK_SLOT_ENV, None)
 
 
+def uses_executor(cfg) -> bool:
+    """Whether datatrove runs the stage's tasks (else this process, or each torchrun rank, is the one task)."""
+    return cfg.executor != "local" or cfg.tasks > 1
+
+
+def runs_models(cfg) -> bool:
+    """Whether the stage's tasks run models (score, distill-cache: they have --device), so each needs torch and its
+    share of the CPUs' threads; sample's tasks only read and write rows."""
+    return hasattr(cfg, "device")
+
+
 def local_workers(cfg) -> int:
-    """Tasks at once on this machine: --workers, else one per GPU when the tasks run on GPUs, else all of them (-1)."""
+    """Tasks at once on this machine: --workers, else one per GPU when the tasks run models on GPUs, else all (-1)."""
     if cfg.workers:
         return cfg.workers
-    on_gpus = getattr(cfg, "device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
-    return torch.cuda.device_count() if on_gpus else -1
+    if not runs_models(cfg) or cfg.device not in ("auto", "cuda"):
+        return -1
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else -1
 
 
 def local_threads(n_at_once: int) -> int:
@@ -75,7 +90,7 @@ def local_threads(n_at_once: int) -> int:
 
 def logging_dir_for(output: str, given: str | None, n_tasks: int) -> Path:
     """Where datatrove keeps this run's logs and completion files: one folder per task count, since task t of N
-    covers other shards than task t of M."""
+    covers other shards than task t of M. By default `.<output name>.tasks/<N>-tasks` beside the output."""
     output_path = Path(output).expanduser().absolute()
     root = Path(given).expanduser().absolute() if given else output_path.parent / f".{output_path.name}.tasks"
     return root / f"{n_tasks}-tasks"
@@ -93,7 +108,8 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
         n_at_once = local_workers(cfg)
-        step = [RunTask(run_task, threads=local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)))]
+        threads = local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)) if runs_models(cfg) else None
+        step = [RunTask(run_task, threads=threads)]
         return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir))
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(

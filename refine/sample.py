@@ -3,10 +3,17 @@
 The pure core is `select`: rank by the method's key (perturbed by seeded Gumbel noise above temperature 0),
 ties by id, and keep the prefix that meets the budget (ceil(alpha*N) instances, or a number of tokens),
 within each group when the budget is balanced over a corpus column.
+
+Set-up reads the score columns and chooses (numbers only, no text); the run streams the corpus once and writes
+the kept rows, in this process or, with --tasks/--executor, in datatrove tasks that each write the kept rows of
+their own range of rows; the finish writes the card and, last, the manifest, and renames the folder into place.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -23,11 +30,12 @@ import pyarrow.parquet as pq
 import yaml
 
 from refine import data as corpus
-from refine import diagnostics
+from refine import diagnostics, engine
 from refine.card import refined_card
 from refine.config import SampleConfig
 from refine.errors import RefineError
-from refine.output import DATA_DIR, Claim, claim, content_tag, parquet_files, run_info, verify, write_fault, write_manifest, write_text
+from refine.output import (DATA_DIR, Claim, claim, content_tag, parquet_files, run_info, verify, write_fault, write_json,
+                           write_manifest, write_parquet, write_text)
 
 METHODS = ("difference", "random", "teacher", "reference")
 SCORE_COLUMNS = ("n_tokens", "teacher_logprob", "ref_logprob", "score")
@@ -278,12 +286,16 @@ def sample(cfg: SampleConfig) -> dict:
     kept, keys, selection = choose(cfg, scores, cfg.method, groups)  # numbers only: a bad budget stops before any output
     with claim(cfg.output, "sample", [cfg.scores, source], cfg.overwrite, staged=True) as claimed:
         kept_scores = scores.take(kept)
-        if chunks:
-            if cfg.data is not None:
-                open_scored_corpus(cfg.data, data_spec)
-            batches = kept_chunks(parquet_files(scores_dir, score_manifest), kept)
+        if chunks and cfg.data is not None:
+            open_scored_corpus(cfg.data, data_spec)
+        score_paths = parquet_files(scores_dir, score_manifest)
+        if engine.uses_executor(cfg):
+            work = run_tasks(cfg, score_manifest, source, documents, score_paths, kept, kept_scores)
+            write_data = adopt_parts(work, cfg.tasks)
         else:
-            batches = kept_documents(documents, data_spec["id_column"], kept_scores)
+            batches = (kept_chunks(score_paths, kept) if chunks
+                       else kept_documents(documents, data_spec["id_column"], kept_scores))
+            write_data = functools.partial(write_shards, batches, cfg.shard_size_mb * 2**20)
 
         sharp = cfg.method != "random" and cfg.temperature == 0 and groups is None  # one score cut separates kept from dropped
         manifest = {
@@ -302,9 +314,14 @@ def sample(cfg: SampleConfig) -> dict:
             "reference_diagnostics": diagnostics.table_diagnostics(
                 scores, selection["alpha"], kept if cfg.method == "difference" else choose(cfg, scores, "difference", groups)[0],
                 diagnostics.reference_vocab_size(score_manifest)),
+            "executor": cfg.executor if engine.uses_executor(cfg) else None,
+            "tasks": cfg.tasks if engine.uses_executor(cfg) else None,
             "scores": score_manifest,
         }
-        return _write_dataset(claimed, batches, manifest, cfg.shard_size_mb)
+        sealed = _write_dataset(claimed, write_data, manifest)
+        if engine.uses_executor(cfg):
+            shutil.rmtree(work, ignore_errors=True)  # the parts are in the dataset now (hard links, or copies)
+        return sealed
 
 
 def read_groups(cfg, scores: pa.Table, score_manifest: dict, source: str, ds=None) -> tuple[np.ndarray, list[str]]:
@@ -365,15 +382,15 @@ def _stats(values: np.ndarray) -> dict:
             **{f"q{int(q * 100):02d}": float(v) for q, v in zip([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], quantiles)}}
 
 
-def open_scored_corpus(source: str, data_spec: dict):
+def open_scored_corpus(source: str, data_spec: dict, scan: Optional[dict] = None):
     """The corpus at `source`, refused unless it is the one the scores' manifest (`data_spec`) describes.
 
     Its fingerprint is recomputed the way the recorded one was made (see `corpus.corpus_fingerprint`), so
     by default no row is read here. The text was checked (UTF-8, columns) when it was scored. A remote URL is
     read as a stream (`corpus.StreamedCorpus`): its files' versions pin its rows, which are counted only as they
-    are read.
+    are read (or come from `scan`, the record of a pass the driver made).
     """
-    ds = corpus.open_corpus(source, data_spec["split"], data_spec["name"])
+    ds = corpus.open_corpus(source, data_spec["split"], data_spec["name"], scan)
     streamed = isinstance(ds, corpus.StreamedCorpus)
     fix = "give the corpus the scores were made from, or rescore"
     missing = [c for c in (data_spec["text_column"], data_spec["id_column"]) if c and c not in ds.column_names]
@@ -400,19 +417,30 @@ def kept_rows(first: int, n_rows: int, kept_sorted: np.ndarray) -> tuple[np.ndar
     return kept_sorted[lo:hi] - first, int(lo)
 
 
-def kept_chunks(paths: list[Path], kept: np.ndarray):
-    """The kept chunk rows (every score column, text and token ids included), in score order, a batch at a time."""
-    first = 0
+def kept_chunks(paths: list[Path], kept: np.ndarray, first: int = 0, last: Optional[int] = None):
+    """The kept chunk rows (every score column, text and token ids included) among score rows [first, last), in
+    score order, a batch at a time; a score file outside that range is not opened."""
+    offset = 0
     for path in paths:
         with pq.ParquetFile(path) as scores:
+            n_rows = scores.metadata.num_rows
+            if offset + n_rows <= first or (last is not None and offset >= last):
+                offset += n_rows
+                continue
             for batch in scores.iter_batches(batch_size=BATCH_ROWS):
-                local, _ = kept_rows(first, batch.num_rows, kept)
-                first += batch.num_rows
-                yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
+                lo, hi = max(first - offset, 0), min((last if last is not None else offset + n_rows) - offset, batch.num_rows)
+                local, _ = kept_rows(offset, batch.num_rows, kept)
+                local = local[(local >= lo) & (local < hi)]
+                offset += batch.num_rows
+                if hi > lo:
+                    yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
+                if last is not None and offset >= last:
+                    break
 
 
-def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table):
-    """Original rows of the kept documents, in corpus order, with the score columns beside them, a batch at a time.
+def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table, first: int = 0, last: Optional[int] = None):
+    """Original rows of the kept documents among corpus rows [first, last) (default: all), in corpus order, with the
+    score columns beside them, a batch at a time.
 
     Only the kept scores are held (O(kept) numbers); the corpus is read once, in order.
     """
@@ -421,8 +449,9 @@ def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table):
         kept_scores = kept_scores.take(order)
         kept_sorted = kept_scores.column("id").to_numpy()
     kept_ids = kept_scores.column("id").combine_chunks()
-    first = 0
-    for batch in corpus.iter_arrow_batches(ds, BATCH_ROWS):
+    whole = first == 0 and last is None
+    batches = corpus.iter_arrow_batches(ds, BATCH_ROWS) if whole else corpus.iter_row_range(ds, first, last, BATCH_ROWS)
+    for batch in batches:
         table = pa.Table.from_batches([batch])
         if id_column is None:
             local, start = kept_rows(first, batch.num_rows, kept_sorted)
@@ -486,19 +515,26 @@ class ShardWriter:
         return final
 
 
-def _write_dataset(claimed: Claim, batches, manifest: dict, shard_size_mb: int) -> dict:
-    """Build the whole directory beside the output, then rename it into place: complete or absent."""
+def write_shards(batches, shard_bytes: int, data_dir: Path, stem: str) -> tuple[list[Path], int]:
+    """Write the kept rows (`batches` of them, in order) into shards `<stem>-<k>-of-<n>.parquet`; (paths, rows)."""
+    shards = ShardWriter(data_dir, stem, shard_bytes)
+    written = 0
+    for table in batches:
+        shards.write(table)
+        written += table.num_rows
+    return shards.close(), written
+
+
+def _write_dataset(claimed: Claim, write_data, manifest: dict) -> dict:
+    """Build the whole directory beside the output, then rename it into place: complete or absent.
+    `write_data(data_dir, stem)` puts the kept rows into data_dir as shards `<stem>-*.parquet`: (paths, rows)."""
     staging = claimed.staging_dir()
     try:
         tag = content_tag(manifest)
         (staging / DATA_DIR).mkdir()
-        shards = ShardWriter(staging / DATA_DIR, f"train-{tag}", shard_size_mb * 2**20)
-        written = 0
         try:
-            for table in batches:
-                shards.write(table)
-                written += table.num_rows
-            files = [p.relative_to(staging).as_posix() for p in shards.close()]
+            paths, written = write_data(staging / DATA_DIR, f"train-{tag}")
+            files = [p.relative_to(staging).as_posix() for p in paths]
         except OSError as e:
             raise write_fault(e, staging) from None
         if written != manifest["instances_after"]:  # a corpus whose fingerprint could not tell it had changed
@@ -511,3 +547,110 @@ def _write_dataset(claimed: Claim, batches, manifest: dict, shard_size_mb: int) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sealed
+
+
+# ---------------------------------------------------------------- the corpus pass as datatrove tasks
+# The driver writes what the tasks need into a work folder in the logging dir (PLAN, last, and KEPT: the kept
+# score rows); task t writes the kept rows of the t-th of N equal row ranges as part files and then, atomically,
+# its record TASK_RECORD (the parts and their row counts). A task whose record and parts exist is done; the
+# driver links the parts, in task order, into the dataset it builds beside the output.
+PLAN = "plan.json"
+KEPT = "kept.parquet"
+TASK_RECORD = "task-{:05d}.json"
+
+
+def task_rows(n_rows: int, task: int, n_tasks: int) -> tuple[int, int]:
+    """Rows [first, last) that task `task` of `n_tasks` writes: equal contiguous ranges, in order."""
+    return task * n_rows // n_tasks, (task + 1) * n_rows // n_tasks
+
+
+def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, score_paths: list[Path],
+              kept: np.ndarray, kept_scores: pa.Table) -> Path:
+    """Write the kept rows through `cfg.tasks` datatrove tasks on `cfg.executor`; the work folder holding every
+    task's parts once all are done. A rerun with the same selection finds the folder and runs only unfinished tasks."""
+    spec = score_manifest["data"]
+    if isinstance(documents, corpus.StreamedCorpus) and documents.rows_per_file is None:
+        documents.scan(spec["text_column"], spec["id_column"])  # a jsonl/csv URL's row count takes one pass
+    plan = {
+        "stage": "sample",
+        "source": source,
+        "data": spec,
+        "chunks": documents is None,
+        "score_files": [str(p.absolute()) for p in score_paths],
+        "n_rows": score_manifest["n_instances"] if documents is None else len(documents),
+        "scan": documents.scan_record() if isinstance(documents, corpus.StreamedCorpus) else None,
+        "shard_bytes": cfg.shard_size_mb * 2**20,
+        "scores_checksum": score_manifest.get("checksum"),
+        "kept_sha256": hashlib.sha256(np.ascontiguousarray(kept, dtype=np.int64).tobytes()).hexdigest(),
+    }
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    work = logging_dir / f"sample-{content_tag(plan)}"
+    if not (work / PLAN).exists():  # the kept rows first, the plan last: a folder with a plan is complete
+        write_parquet(work / KEPT, kept_scores.append_column("position", pa.array(kept, type=pa.int64())))
+        write_json(work / PLAN, plan)
+    engine.forget_completions(logging_dir, [t for t in range(cfg.tasks) if not task_done(work, t)])
+    engine.run_tasks(cfg, functools.partial(sample_task, work_dir=str(work)), logging_dir, job_name="refine-sample")
+    unfinished = [t for t in range(cfg.tasks) if not task_done(work, t)]
+    if unfinished:  # datatrove recorded them as done, but their parts are gone
+        raise RefineError(f"tasks {', '.join(map(str, unfinished[:10]))} of {cfg.tasks} left no parts in {str(work)!r}; "
+                          "rerun the same command to run them again")
+    return work
+
+
+def task_done(work: Path, task: int) -> bool:
+    record = work / TASK_RECORD.format(task)
+    return record.exists() and all((work / name).exists() for name in json.loads(record.read_text())["files"])
+
+
+def sample_task(task: int, n_tasks: int, work_dir: str) -> None:
+    """Task `task` of `n_tasks`: write the kept rows of its range of rows as part files, then its record.
+
+    The one corpus pass of a multi-task sample; it reads only its range (a streamed corpus: the files, row
+    groups or scanned offsets that hold it) and holds the kept score rows of its range (with an id column: all
+    kept score rows). It checks the corpus against the scores' manifest again, as the driver did, and writes
+    nothing outside the work folder.
+    """
+    work = Path(work_dir)
+    if task_done(work, task):
+        return
+    plan = json.loads((work / PLAN).read_text())
+    for stale in work.glob(f"part-{task:05d}-*"):  # parts of an attempt that was killed before its record
+        stale.unlink()
+    first, last = task_rows(plan["n_rows"], task, n_tasks)
+    # Only the kept rows of this range, where the scores say which they are: a chunk's position, a document's row
+    # index as its id. Ids from a column may be anywhere, so then every kept row is read.
+    by = "position" if plan["chunks"] else ("id" if plan["data"]["id_column"] is None else None)
+    kept = pq.read_table(work / KEPT, filters=[(by, ">=", first), (by, "<", last)] if by else None)
+    if plan["chunks"]:
+        batches = kept_chunks([Path(p) for p in plan["score_files"]], kept.column("position").to_numpy(), first, last)
+    else:
+        ds = open_scored_corpus(plan["source"], plan["data"], plan["scan"])
+        batches = kept_documents(ds, plan["data"]["id_column"], kept.drop_columns(["position"]), first, last)
+    try:
+        paths, _ = write_shards(batches, plan["shard_bytes"], work, f"part-{task:05d}")
+    except OSError as e:
+        raise write_fault(e, work) from None
+    write_json(work / TASK_RECORD.format(task), {"files": [p.name for p in paths],
+                                                 "rows": [pq.read_metadata(p).num_rows for p in paths]})
+
+
+def adopt_parts(work: Path, n_tasks: int):
+    """`write_data` for `_write_dataset`: the tasks' parts, in task order, as the dataset's shards (hard links where
+    the work folder and the output share a filesystem, else copies). Empty parts are left out unless all are."""
+
+    def write(data_dir: Path, stem: str) -> tuple[list[Path], int]:
+        parts = []
+        for task in range(n_tasks):
+            record = json.loads((work / TASK_RECORD.format(task)).read_text())
+            parts += zip(record["files"], record["rows"])
+        shards = [name for name, rows in parts if rows] or [parts[0][0]]  # an empty dataset still has one (its columns)
+        paths = []
+        for k, name in enumerate(shards):
+            paths.append(data_dir / f"{stem}-{k:05d}-of-{len(shards):05d}.parquet")
+            try:
+                os.link(work / name, paths[-1])
+            except OSError:
+                shutil.copyfile(work / name, paths[-1])
+        return paths, sum(rows for _, rows in parts)
+
+    return write

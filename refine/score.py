@@ -115,12 +115,12 @@ def score(cfg: ScoreConfig) -> dict:
     if cfg.proxy_fraction is not None:  # proxy scoring is built on top of this stage, in refine.proxy
         raise RefineError("score() scores every document; call refine.proxy.proxy_score for --proxy-fraction")
     with joined_world(cfg.device) as world:
-        if world.world_size > 1 and uses_executor(cfg):
+        if world.world_size > 1 and engine.uses_executor(cfg):
             raise RefineError("torchrun and --tasks/--executor both split the work; run without torchrun, or drop --tasks/--executor")
         setup = _prepare_on_every_rank(cfg, world)
         inputs = [cfg.data, cfg.teacher, cfg.reference]
         with world.holding(lambda: claim(cfg.output, "score", inputs, cfg.overwrite, setup.run)):
-            if uses_executor(cfg):
+            if engine.uses_executor(cfg):
                 identities = _run_tasks(cfg, setup)
             else:
                 done = score_task(cfg, world.rank, world.world_size, setup, world, show_progress=world.is_main)
@@ -128,12 +128,7 @@ def score(cfg: ScoreConfig) -> dict:
                 if not world.is_main:
                     return {"rank": world.rank, "shards_scored": done["shards_scored"]}
                 identities = done["models"]
-            return finish(cfg, setup, identities, n_processes=cfg.tasks if uses_executor(cfg) else world.world_size)
-
-
-def uses_executor(cfg: ScoreConfig) -> bool:
-    """Whether datatrove runs the tasks (else this process, or each torchrun rank, is one task)."""
-    return cfg.executor != "local" or cfg.tasks > 1
+            return finish(cfg, setup, identities, n_processes=cfg.tasks if engine.uses_executor(cfg) else world.world_size)
 
 
 @dataclass
@@ -372,7 +367,7 @@ def finish(cfg: ScoreConfig, setup: ScoreSetup, identities: Optional[dict], n_pr
         "n_instances": sum(pq.read_metadata(p).num_rows for p in paths),
         "n_tokens": sum(int(pq.read_metadata(p).metadata[b"refine_n_tokens"]) for p in paths),
         "world_size": n_processes,  # torchrun ranks, or tasks
-        "executor": cfg.executor if uses_executor(cfg) else ("torchrun" if n_processes > 1 else "single"),
+        "executor": cfg.executor if engine.uses_executor(cfg) else ("torchrun" if n_processes > 1 else "single"),
         "elapsed_s": round(time.time() - setup.started, 1),
         "reference_diagnostics": reference_diagnostics(paths, run),
     }

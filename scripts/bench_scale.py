@@ -14,9 +14,10 @@ The corpus is loaded once while building, so the stages below find datasets' Arr
 Packing is `refine pretrain --tokenize-workers 1 --max-steps 1` of a tiny student with a byte-level BPE of
 4,096 tokens trained in-process (tokenising the corpus into a fresh token cache, then one step); the time
 the token file took to build is also read from its meta.json. The speed-ups run the same command with
-1 and 2 workers: packing the smaller corpus (`--tokenize-workers`), and `refine score` of --score-docs
+1 and 2 workers: packing the smaller corpus (`--tokenize-workers`), `refine score` of --score-docs
 documents with a tiny random teacher and reference built in-process (`--tasks 2 --workers 2` against one
-process). Other work on the machine lowers them: the load average is printed beside them.
+process), and `refine sample` of the larger corpus (`--tasks 2 --workers 2` against one process). Other work
+on the machine lowers them: the load average is printed beside them.
 
 Each stage runs refine's CLI in its own process; its peak RSS is that process's VmHWM, read from
 /proc/self/status as it exits (Linux only; with 2 workers the workers' own memory is not in it). Targets:
@@ -51,7 +52,7 @@ from refine.output import DATA_DIR, claim, content_tag, run_info, write_manifest
 from refine.score import score_table
 
 FILE_TEXT_BYTES = 50 * 2**20  # text per corpus file
-STAGES = ("sample", "report", "push", "pack", "pack-scaling", "score-scaling")
+STAGES = ("sample", "report", "push", "pack", "pack-scaling", "score-scaling", "sample-scaling")
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
 SCORE_SHARD_ROWS = 100_000
@@ -241,7 +242,7 @@ def main() -> None:
     if built:
         print(f"token file build alone (meta.json elapsed_s): {built[small]:.1f} s at {small} MB, {built[large]:.1f} s "
               f"at {large} MB ({built[large] / max(built[small], 0.1):.1f}x)", flush=True)
-    if not {"pack-scaling", "score-scaling"} & set(options.stages):
+    if not {"pack-scaling", "score-scaling", "sample-scaling"} & set(options.stages):
         return
     print("\n| 2 workers against 1 | 1 worker (s) | 1 worker on 1 core (s) | 2 workers (s) | speed-up | "
           "speed-up over 1 core | load average before (1 min) |")
@@ -254,6 +255,19 @@ def main() -> None:
         print(f"| score {options.score_docs:,} docs, tiny models: --tasks 2 --workers 2 | {scores['1']:.1f} | "
               f"{scores['1 core']:.1f} | {scores['2']:.1f} | {scores['1'] / scores['2']:.2f} | "
               f"{scores['1 core'] / scores['2']:.2f} | {load:.2f} |")
+    if "sample-scaling" in options.stages:
+        sample_scaling(root / f"{large}mb", large, peak)
+
+
+def sample_scaling(here: Path, size_mb: int, peak: Path) -> None:
+    """`refine sample` of the larger corpus in one process, then with --tasks 2 --workers 2 (the corpus pass split)."""
+    load = os.getloadavg()[0]
+    common = ["sample", str(here / "scores"), "--alpha", "0.5", "--overwrite"]
+    walls = {"1": measure([*common, "--output", str(here / "refined-scaling-1")], peak)[0],
+             "1 core": measure([*common, "--output", str(here / "refined-scaling-1-core")], peak, ONE_CORE)[0],
+             "2": measure([*common, "--output", str(here / "refined-scaling-2"), "--tasks", "2", "--workers", "2"], peak)[0]}
+    print(f"| sample {size_mb} MB: --tasks 2 --workers 2 | {walls['1']:.1f} | {walls['1 core']:.1f} | {walls['2']:.1f} | "
+          f"{walls['1'] / walls['2']:.2f} | {walls['1 core'] / walls['2']:.2f} | {load:.2f} |", flush=True)
 
 
 def pack_scaling(here: Path, size_mb: int, tokenizer_dir: Path, peak: Path) -> None:

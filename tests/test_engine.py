@@ -21,6 +21,7 @@ import torch
 
 from refine import engine
 from refine.config import SampleConfig, ScoreConfig
+from refine.errors import RefineError
 from refine.sample import sample
 from refine.score import score
 
@@ -101,7 +102,10 @@ STAND_INS = {
                 env.update(item.split("=", 1) for item in option.split("=", 1)[1].split(",") if "=" in item)
         array = re.search(r"^#SBATCH --array=(\\d+)-(\\d+)", text, re.M)
         log = re.search(r"^#SBATCH --output=(.*)$", text, re.M).group(1)
+        skipped = os.environ.get("SLURM_STAND_IN_SKIP", "").split(",")  # array tasks whose node "died" before they ran
         for task in range(int(array.group(1)), int(array.group(2)) + 1) if array else [0]:
+            if str(task) in skipped:
+                continue
             task_env = {**env, "SLURM_JOB_ID": job_id, "SLURM_ARRAY_JOB_ID": job_id, "SLURM_NODELIST": "localhost",
                         "SLURM_PROCID": "0", "SLURM_NODEID": "0"}
             if array:
@@ -163,6 +167,22 @@ def test_slurm_array_job_equals_one_task(corpus, models, tmp_path, one_task, mon
     (output / "manifest.json").unlink()
     score(cfg)
     assert len(list(record.glob("*.slurm"))) == len(scripts)
+
+    # sample's corpus pass as an array job: a task that never ran stops the run with nothing at the output; the rerun
+    # submits only that task, and the refined rows equal those of one process.
+    options = dict(scores=str(output), alpha=0.5, executor="slurm", tasks=2, slurm_partition="cpu")
+    monkeypatch.setenv("SLURM_STAND_IN_SKIP", "1")
+    with pytest.raises(RefineError, match="tasks 1 of 2 did not finish"):
+        sample(SampleConfig(output=str(tmp_path / "refined"), **options))
+    assert not (tmp_path / "refined").exists()
+    monkeypatch.delenv("SLURM_STAND_IN_SKIP")
+    submitted = len(list(record.glob("*.slurm")))
+    manifest = sample(SampleConfig(output=str(tmp_path / "refined"), **options))
+    rerun = sorted(record.glob("*.slurm"), key=lambda p: int(p.stem))[submitted].read_text()
+    assert "#SBATCH --array=0-0\n" in rerun and "#SBATCH --partition=cpu\n" in rerun  # one task: the unfinished one
+    sample(SampleConfig(scores=str(one_task[2]), output=str(tmp_path / "refined-1"), alpha=0.5))
+    refined, alone = (datasets.load_dataset(str(tmp_path / name), split="train").to_pandas() for name in ("refined", "refined-1"))
+    assert manifest["tasks"] == 2 and len(refined) == N_DOCS // 2 and refined.equals(alone)
 
 
 def processes() -> dict[int, str]:

@@ -6,7 +6,8 @@ hypothesis replaces randomly chosen options with values of wrong and edge types.
 so no drawn example can run long or reach outside the test: --nproc (would relaunch under torchrun), --compile
 (torch.compile takes a minute), pretrain's --max-steps, --micro-batch-size and --grad-accum and score's
 --proxy-epochs (a huge value is a huge job: pretrain takes --micro-batch-size 2147483648 at its word and
-allocates for it), and the Hub targets and token (--push-to-hub, push's TARGET: they would publish).
+allocates for it), --tasks and --workers (as many processes as asked for) and --executor (Ray would start a
+cluster, Slurm submit a job), and the Hub targets and token (--push-to-hub, push's TARGET: they would publish).
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 from refine.cli import FLAG_NAMES, app
 from refine.config import DistillCacheConfig, PlanConfig, PretrainConfig, PushConfig, ReportConfig, SampleConfig, ScoreConfig
 
-HELD_FIXED = {"nproc", "compile", "push_to_hub", "token"}
+HELD_FIXED = {"nproc", "compile", "push_to_hub", "token", "tasks", "workers", "executor"}
 COMMANDS = {  # command: (config class, positional fields, fields held fixed besides HELD_FIXED)
     "score": (ScoreConfig, ("data",), {"proxy_epochs"}),
     "sample": (SampleConfig, ("scores",), set()),

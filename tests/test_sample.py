@@ -196,14 +196,21 @@ def write_scored_corpus(root, teacher_dir, reference_dir, unit, id_column):
     return pd.DataFrame(rows)
 
 
+@pytest.mark.parametrize("tasks", [1, 3])
 @pytest.mark.parametrize("unit, id_column", [("document", None), ("document", "doc"), ("chunk", None)])
-def test_refined_rows_equal_an_independent_top_alpha_join(tmp_path, teacher_dir, reference_dir, monkeypatch, unit, id_column):
+def test_refined_rows_equal_an_independent_top_alpha_join(tmp_path, teacher_dir, reference_dir, monkeypatch, unit, id_column,
+                                                          tasks):
     import refine.sample as stage
 
     monkeypatch.setattr(stage, "BATCH_ROWS", 4)  # many batches, so kept rows cross batch and score-file borders
     documents = write_scored_corpus(tmp_path, teacher_dir, reference_dir, unit, id_column)
     alpha = 0.3
-    manifest = sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "out"), alpha=alpha))
+    # 3 tasks on 2 local workers: each writes the kept rows of a third of the rows (13 or 14 of 40, across batches)
+    manifest = sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "out"), alpha=alpha,
+                                   tasks=tasks, workers=2))
+    if tasks > 1:
+        assert manifest["tasks"] == 3 and manifest["executor"] == "local"
+        assert not list((tmp_path / ".out.tasks" / "3-tasks").glob("sample-*"))  # the parts moved into the dataset
 
     scores = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scores" / "data").glob("*.parquet"))],
                        ignore_index=True)
@@ -352,13 +359,14 @@ def files_under(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def score_and_sample(data, output, teacher_dir, reference_dir, **score_options):
+def score_and_sample(data, output, teacher_dir, reference_dir, sample_tasks=1, **score_options):
     from refine.config import ScoreConfig
     from refine.score import score
 
     manifest = score(ScoreConfig(data=data, teacher=str(teacher_dir), reference=str(reference_dir), max_length=16,
                                  shard_size=3, output=str(output / "scores"), **score_options))
-    sample(SampleConfig(scores=str(output / "scores"), output=str(output / "refined"), alpha=0.5))
+    sample(SampleConfig(scores=str(output / "scores"), output=str(output / "refined"), alpha=0.5, tasks=sample_tasks,
+                        workers=1))
     shards = sorted((output / "scores" / "data").glob("*.parquet"))
     scores = pa.concat_tables(pq.read_table(p).replace_schema_metadata(None) for p in shards)
     refined = pa.concat_tables(pq.read_table(p) for p in sorted((output / "refined" / "data").glob("*.parquet")))
@@ -377,9 +385,9 @@ def test_a_corpus_on_s3_is_scored_and_sampled_as_a_stream_like_its_local_copy(
     write_parts(fsspec.filesystem("s3"), "corpora/c", extension, rows)
     write_parts(fsspec.filesystem("file"), str(tmp_path / "local"), extension, rows)
     cache, temp = isolated_caches(tmp_path, monkeypatch)
-    # two datatrove tasks in this process: each opens the corpus from the driver's scan record
+    # two datatrove tasks in this process, for score and for sample: each opens the corpus from the driver's scan record
     remote = score_and_sample(f"s3://corpora/c/*.{extension}", tmp_path / "remote", teacher_dir, reference_dir,
-                              id_column=id_column, tasks=2, workers=1)
+                              sample_tasks=2, id_column=id_column, tasks=2, workers=1)
     assert files_under(cache) == [] and files_under(temp) == []  # nothing of the corpus was copied to disk
     local = score_and_sample(str(tmp_path / "local"), tmp_path / "from-local", teacher_dir, reference_dir,
                              id_column=id_column)
