@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -85,16 +86,35 @@ def load_causal_lm(
 
     source = resolve_model_source(ref, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path,
-            gguf_file=source.gguf_file,
-            revision=source.revision,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
+        with gguf_bar_follows_hub_setting():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path,
+                gguf_file=source.gguf_file,
+                revision=source.revision,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as e:
         raise _from_pretrained_error(ref, "model", e) from None
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def gguf_bar_follows_hub_setting():
+    """transformers' GGUF loader draws its de-quantisation bar with a bare `tqdm` that neither its own nor
+    huggingface_hub's switch turns off; while a model loads, give it huggingface_hub's switch, which refine's
+    CLI turns off unless --verbose (refine.cli.quiet_libraries)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is not None and are_progress_bars_disabled():
+        gguf_loading.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loading.tqdm = bar
 
 
 def model_identity(ref: str, model=None, revision: Optional[str] = None) -> dict:

@@ -26,6 +26,26 @@ def test_gguf_file_resolves_to_its_directory_and_file_name(tmp_path):
     assert resolve_model_source(str(tmp_path / "m.gguf")) == ModelSource(str(tmp_path), "m.gguf")
 
 
+def test_the_gguf_loaders_bar_is_off_while_hub_bars_are(capsys):
+    """The de-quantisation bar of transformers' GGUF loader follows huggingface_hub's switch while refine loads a model."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from refine.models import gguf_bar_follows_hub_setting
+
+    was_disabled, original = are_progress_bars_disabled(), gguf_loading.tqdm
+    try:
+        for disabled in (True, False):
+            disable_progress_bars() if disabled else enable_progress_bars()
+            with gguf_bar_follows_hub_setting():
+                for _ in gguf_loading.tqdm(range(3), desc="de-quantizing"):
+                    pass
+            assert ("de-quantizing" in capsys.readouterr().err) is not disabled
+            assert gguf_loading.tqdm is original
+    finally:
+        disable_progress_bars() if was_disabled else enable_progress_bars()
+
+
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(RefineError, match="not a .gguf file"):
