@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--score-bytes-per-row", type=float, default=25.0, help="score columns on disk, per instance")
     parser.add_argument("--chunk-bytes-per-token", type=float, default=1.4, help="a chunk's input_ids on disk, per token")
     parser.add_argument("--sample-bytes-per-instance", type=float, default=300.0, help="refine sample's memory per instance")
-    parser.add_argument("--report-bytes-per-instance", type=float, default=350.0, help="refine report's memory per instance")
+    parser.add_argument("--report-bytes-per-instance", type=float, default=360.0, help="refine report's memory per instance")
     args = parser.parse_args()
 
     teacher_total, teacher_matmul = parameters(AutoConfig.for_model(**QWEN15_1_8B))
