@@ -115,7 +115,7 @@ class TaskArgs(Checked):
     )
     tasks: int = option(1, "Independent tasks the work is split into; each can fail and be rerun alone. score and "
                            "distill-cache: task t takes shards t, t+N, ... and loads the model(s) once; sample: task t "
-                           "writes the kept rows of the t-th of N equal row ranges of the corpus.",
+                           "writes the kept rows of the t-th of N equal row ranges of the corpus (of the scores, for chunks).",
                         result=False, check=at_least(1))
     workers: Optional[int] = option(None, "Tasks running at once (local: processes on this machine); default: local, "
                                           "one per GPU when the tasks run on GPUs (--device auto or cuda), else all of "

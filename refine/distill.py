@@ -206,7 +206,7 @@ TEACHER_RECORD = "teacher.json"
 
 def _run_tasks(cfg: DistillCacheConfig, setup: CacheSetup) -> dict | None:
     """Run the tasks whose shards are not all on disk through datatrove; the teacher's identity if a task recorded it."""
-    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks, [cfg.data, cfg.teacher])
     output = Path(cfg.output).expanduser().absolute()
     # The shards on disk are the truth: a task with a missing shard runs again even if datatrove marked it done.
     engine.forget_completions(logging_dir, sorted({s % cfg.tasks for s in range(setup.n_shards)

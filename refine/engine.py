@@ -9,6 +9,7 @@ logging dir), so a rerun runs only the tasks that did not finish.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,10 +20,14 @@ from datatrove.executor.ray import RayPipelineExecutor  # imports Ray only when 
 from datatrove.pipeline.base import PipelineStep
 
 from refine.errors import RefineError
+from refine.output import write_text
 
 # The local executor's slot (0..workers-1) of the task running in this process; a task on `auto`/`cuda` takes
 # GPU slot % GPUs (refine.distributed.rank_device), so W workers on W GPUs run one task per GPU.
 TASK_SLOT_ENV = "REFINE_TASK_SLOT"
+
+# Where a task that stopped on a user's error (a RefineError) leaves its one-line message, in the logging dir.
+ERRORS = "errors"
 
 # How often the driver asks Slurm whether its array job is still queued or running, in seconds.
 SLURM_POLL_S = float(os.environ.get("REFINE_SLURM_POLL_S", "30"))
@@ -34,9 +39,10 @@ class RunTask(PipelineStep):
     name = "refine task"
     type = "refine"
 
-    def __init__(self, run_task: Callable[[int, int], Any], threads: int | None = None):
+    def __init__(self, run_task: Callable[[int, int], Any], errors_dir: Path, threads: int | None = None):
         super().__init__()
         self.run_task = run_task
+        self.errors_dir = str(errors_dir)
         self.threads = threads
 
     def run(self, data, rank: int = 0, world_size: int = 1):
@@ -44,7 +50,13 @@ class RunTask(PipelineStep):
             import torch  # imported here: sample's tasks run no model and need no torch
 
             torch.set_num_threads(self.threads)
-        self.run_task(rank, world_size)
+        try:
+            self.run_task(rank, world_size)
+        except RefineError as e:
+            # A user's error reaches the driver as a file, which it turns into its one `error:` line: raised from here,
+            # it would first be printed with a traceback by datatrove. datatrove then records the task as finished;
+            # the driver forgets that before it stops, so a rerun runs the task again.
+            write_text(Path(self.errors_dir) / f"{rank:05d}", str(e))
         return data
 
 
@@ -88,11 +100,17 @@ def local_threads(n_at_once: int) -> int:
     return max(1, cpus // n_at_once)
 
 
-def logging_dir_for(output: str, given: str | None, n_tasks: int) -> Path:
+def logging_dir_for(output: str, given: str | None, n_tasks: int, inputs: list[str | None] = ()) -> Path:
     """Where datatrove keeps this run's logs and completion files: one folder per task count, since task t of N
-    covers other shards than task t of M. By default `.<output name>.tasks/<N>-tasks` beside the output."""
+    covers other shards than task t of M. By default `.<output name>.tasks/<N>-tasks` beside the output; a
+    --logging-dir inside the output or an input (whose manifest would then list a foreign file) is refused."""
     output_path = Path(output).expanduser().absolute()
     root = Path(given).expanduser().absolute() if given else output_path.parent / f".{output_path.name}.tasks"
+    local_inputs = [Path(p).expanduser().absolute() for p in inputs if p and "://" not in p and Path(p).expanduser().exists()]
+    for place in [output_path, *local_inputs]:
+        if root == place or place in root.parents:
+            raise RefineError(f"--logging-dir {given!r} lies inside {str(place)!r}, which this command writes or reads; "
+                              "choose a folder outside the output and the inputs")
     return root / f"{n_tasks}-tasks"
 
 
@@ -104,12 +122,12 @@ def forget_completions(logging_dir: Path, tasks: list[int]) -> None:
 
 def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score"):
     """The datatrove executor `cfg.executor` names, running `cfg.tasks` tasks of `run_task` (`job_name`: Slurm's)."""
-    step = [RunTask(run_task)]
+    step = [RunTask(run_task, logging_dir / ERRORS)]
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
         n_at_once = local_workers(cfg)
         threads = local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)) if runs_models(cfg) else None
-        step = [RunTask(run_task, threads=threads)]
+        step = [RunTask(run_task, logging_dir / ERRORS, threads=threads)]
         return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir))
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(
@@ -126,6 +144,7 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
 
 def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score") -> None:
     """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them; raise if any did not finish."""
+    shutil.rmtree(logging_dir / ERRORS, ignore_errors=True)  # messages of an earlier run's tasks
     executor = make_executor(cfg, run_task, logging_dir, job_name)
     if cfg.executor == "ray":
         _run_on_ray(executor, cfg)
@@ -133,6 +152,12 @@ def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_n
         _run_on_slurm(executor)
     else:
         executor.run()
+    failed = sorted(int(p.name) for p in (logging_dir / ERRORS).glob("[0-9]*"))
+    if failed:
+        forget_completions(logging_dir, failed)
+        first = (logging_dir / ERRORS / f"{failed[0]:05d}").read_text()
+        raise RefineError(f"{len(failed)} of {cfg.tasks} tasks stopped (each one's message: {logging_dir / ERRORS}); "
+                          f"task {failed[0]}: {first}")
     unfinished = executor.get_incomplete_ranks(skip_completed=True)
     if unfinished:
         shown = ", ".join(map(str, unfinished[:10])) + (" ..." if len(unfinished) > 10 else "")

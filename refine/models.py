@@ -104,9 +104,13 @@ def gguf_bar_follows_hub_setting():
     """transformers' GGUF loader draws its de-quantisation bar with a bare `tqdm` that neither its own nor
     huggingface_hub's switch turns off; while a model loads, give it huggingface_hub's switch, which refine's
     CLI turns off unless --verbose (refine.cli.quiet_libraries)."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
     from huggingface_hub.utils import are_progress_bars_disabled
 
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # a transformers that moved its GGUF loader: its bar is left as it is
+        yield
+        return
     bar = getattr(gguf_loading, "tqdm", None)
     if bar is not None and are_progress_bars_disabled():
         gguf_loading.tqdm = functools.partial(bar, disable=True)

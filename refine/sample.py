@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from refine import __version__
 from refine import data as corpus
 from refine import diagnostics, engine
 from refine.card import refined_card
@@ -419,7 +420,7 @@ def kept_rows(first: int, n_rows: int, kept_sorted: np.ndarray) -> tuple[np.ndar
 
 def kept_chunks(paths: list[Path], kept: np.ndarray, first: int = 0, last: Optional[int] = None):
     """The kept chunk rows (every score column, text and token ids included) among score rows [first, last), in
-    score order, a batch at a time; a score file outside that range is not opened."""
+    score order, a batch at a time; of a score file outside that range only the footer is read (its row count)."""
     offset = 0
     for path in paths:
         with pq.ParquetFile(path) as scores:
@@ -448,7 +449,8 @@ def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table, first: i
         order = np.argsort(kept_scores.column("id").to_numpy(), kind="stable")
         kept_scores = kept_scores.take(order)
         kept_sorted = kept_scores.column("id").to_numpy()
-    kept_ids = kept_scores.column("id").combine_chunks()
+    else:  # the kept ids hashed once (pc.index_in would hash the whole kept set again for every batch)
+        position_of_kept = pd.Index(kept_scores.column("id").to_numpy(zero_copy_only=False))
     whole = first == 0 and last is None
     batches = corpus.iter_arrow_batches(ds, BATCH_ROWS) if whole else corpus.iter_row_range(ds, first, last, BATCH_ROWS)
     for batch in batches:
@@ -456,12 +458,10 @@ def kept_documents(ds, id_column: Optional[str], kept_scores: pa.Table, first: i
         if id_column is None:
             local, start = kept_rows(first, batch.num_rows, kept_sorted)
             aligned = kept_scores.slice(start, len(local))
-        else:  # the score row of each corpus row, found by id: null where the row was not kept
-            if kept_ids.type != table.schema.field(id_column).type:  # int64 in the scores, maybe int32 in the corpus
-                kept_ids = kept_ids.cast(table.schema.field(id_column).type)
-            where = pc.index_in(table.column(id_column), value_set=kept_ids)
-            local = np.flatnonzero(where.is_valid().to_numpy(zero_copy_only=False))
-            aligned = kept_scores.take(where.take(pa.array(local, type=pa.int64())))
+        else:  # the score row of each corpus row, found by id: -1 where the row was not kept
+            where = position_of_kept.get_indexer(table.column(id_column).to_numpy(zero_copy_only=False))
+            local = np.flatnonzero(where >= 0)
+            aligned = kept_scores.take(pa.array(where[local], type=pa.int64()))
         first += batch.num_rows
         yield _with_scores(table.take(pa.array(local, type=pa.int64())), aligned, id_column)
 
@@ -479,7 +479,9 @@ class ShardWriter:
     """Parquet shards of about `shard_bytes` of Arrow data each, written a row group at a time.
 
     Shards are named `<stem>-<k>-of-<n>.parquet`; `n` is known only at the end, so they are renamed then
-    (inside the staging directory, which is renamed into place as a whole afterwards).
+    (inside the staging directory, which is renamed into place as a whole afterwards). A batch whose column
+    types differ from the open shard's (a column null in every row of the first batches of a streamed jsonl,
+    say) starts a new shard, and `close` casts every shard to one schema, so `load_dataset` reads them together.
     """
 
     def __init__(self, directory: Path, stem: str, shard_bytes: int):
@@ -491,6 +493,9 @@ class ShardWriter:
         self.schema = self.schema or table.schema
         if table.num_rows == 0:
             return
+        if self.writer is not None and not self.writer.schema.equals(table.schema, check_metadata=False):
+            self.writer.close()
+            self.writer = None
         if self.writer is None:
             self.written.append(self.directory / f"{self.stem}-{len(self.written):05d}.parquet.part")
             self.writer = pq.ParquetWriter(self.written[-1], table.schema, compression="zstd")
@@ -508,11 +513,33 @@ class ShardWriter:
         elif not self.written:
             self.written.append(self.directory / f"{self.stem}-00000.parquet.part")
             pq.write_table((self.schema or pa.schema([])).empty_table(), self.written[-1], compression="zstd")
+        schema = common_schema([pq.read_schema(part) for part in self.written])
         final = []
         for k, part in enumerate(self.written):
             final.append(part.with_name(f"{self.stem}-{k:05d}-of-{len(self.written):05d}.parquet"))
-            os.replace(part, final[-1])
+            if pq.read_schema(part).equals(schema, check_metadata=False):
+                os.replace(part, final[-1])
+            else:
+                write_parquet(final[-1], cast_to(pq.read_table(part), schema))
+                part.unlink()
         return final
+
+
+def cast_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the columns of `schema`, in its order and types; a column the table lacks is all null."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def common_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """The one schema that shards of these schemas can all be cast to: a column null in some takes the type it
+    has in the others, integers widen to floats where both occur."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RefineError(f"a column of the kept rows changes type within the corpus ({str(e).splitlines()[0]}); "
+                          "give the corpus one type per column") from None
 
 
 def write_shards(batches, shard_bytes: int, data_dir: Path, stem: str) -> tuple[list[Path], int]:
@@ -573,6 +600,8 @@ def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, s
         documents.scan(spec["text_column"], spec["id_column"])  # a jsonl/csv URL's row count takes one pass
     plan = {
         "stage": "sample",
+        "refine_version": __version__,
+        "output": str(Path(cfg.output).expanduser().absolute()),
         "source": source,
         "data": spec,
         "chunks": documents is None,
@@ -583,8 +612,9 @@ def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, s
         "scores_checksum": score_manifest.get("checksum"),
         "kept_sha256": hashlib.sha256(np.ascontiguousarray(kept, dtype=np.int64).tobytes()).hexdigest(),
     }
-    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks, [cfg.scores, source])
     work = logging_dir / f"sample-{content_tag(plan)}"
+    remove_other_work(logging_dir.parent, plan["output"], keep=work)
     if not (work / PLAN).exists():  # the kept rows first, the plan last: a folder with a plan is complete
         write_parquet(work / KEPT, kept_scores.append_column("position", pa.array(kept, type=pa.int64())))
         write_json(work / PLAN, plan)
@@ -594,21 +624,45 @@ def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, s
     if unfinished:  # datatrove recorded them as done, but their parts are gone
         raise RefineError(f"tasks {', '.join(map(str, unfinished[:10]))} of {cfg.tasks} left no parts in {str(work)!r}; "
                           "rerun the same command to run them again")
+    written = sum(sum(json.loads((work / TASK_RECORD.format(t)).read_text())["rows"]) for t in range(cfg.tasks))
+    if written != len(kept):  # the parts would be found again by a rerun: discard them, the corpus is not the one scored
+        shutil.rmtree(work, ignore_errors=True)
+        raise RefineError(f"the corpus holds {written} of the {len(kept)} kept instances; give the corpus the scores "
+                          "were made from, or rescore")
     return work
 
 
+def remove_other_work(root: Path, output: str, keep: Path) -> None:
+    """Work folders of earlier multi-task samples into the same output (other settings, or killed before they
+    could clean up): refine's own, known by their plan, and of no use once this run owns the output."""
+    for folder in root.glob("*-tasks/sample-*"):
+        if folder != keep and folder.is_dir():
+            try:
+                plan = json.loads((folder / PLAN).read_text())
+            except (OSError, ValueError):
+                continue  # not a finished set-up of refine's: leave it
+            if plan.get("stage") == "sample" and plan.get("output") == output:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def task_done(work: Path, task: int) -> bool:
-    record = work / TASK_RECORD.format(task)
-    return record.exists() and all((work / name).exists() for name in json.loads(record.read_text())["files"])
+    """Whether task `task` wrote its record (atomically, after its parts) and every part it lists is there."""
+    try:
+        files = json.loads((work / TASK_RECORD.format(task)).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((work / name).exists() for name in files)
 
 
 def sample_task(task: int, n_tasks: int, work_dir: str) -> None:
     """Task `task` of `n_tasks`: write the kept rows of its range of rows as part files, then its record.
 
-    The one corpus pass of a multi-task sample; it reads only its range (a streamed corpus: the files, row
-    groups or scanned offsets that hold it) and holds the kept score rows of its range (with an id column: all
-    kept score rows). It checks the corpus against the scores' manifest again, as the driver did, and writes
-    nothing outside the work folder.
+    The one corpus pass of a multi-task sample. It opens the corpus as the driver did and checks it against the
+    scores' manifest again (a local corpus through datasets' cache: on a node that does not share the driver's
+    cache, datasets builds it there first), then reads only its range (a streamed corpus: the files or row groups
+    that hold it, a jsonl file from the scanned offset before it, a csv or compressed file from its start) and
+    holds the kept score rows of its range (with an id column: all kept score rows). Its parts and record go
+    into the work folder.
     """
     work = Path(work_dir)
     if task_done(work, task):
@@ -644,9 +698,13 @@ def adopt_parts(work: Path, n_tasks: int):
             record = json.loads((work / TASK_RECORD.format(task)).read_text())
             parts += zip(record["files"], record["rows"])
         shards = [name for name, rows in parts if rows] or [parts[0][0]]  # an empty dataset still has one (its columns)
+        schema = common_schema([pq.read_schema(work / name) for name in shards])
         paths = []
         for k, name in enumerate(shards):
             paths.append(data_dir / f"{stem}-{k:05d}-of-{len(shards):05d}.parquet")
+            if not pq.read_schema(work / name).equals(schema, check_metadata=False):
+                write_parquet(paths[-1], cast_to(pq.read_table(work / name), schema))  # as ShardWriter.close does
+                continue
             try:
                 os.link(work / name, paths[-1])
             except OSError:

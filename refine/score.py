@@ -227,7 +227,7 @@ MODELS_RECORD = "models.json"
 
 def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
     """Run the tasks whose shards are not all on disk through datatrove; the models' identities if a task recorded them."""
-    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks)
+    logging_dir = engine.logging_dir_for(cfg.output, cfg.logging_dir, cfg.tasks, [cfg.data, cfg.teacher, cfg.reference])
     output = Path(cfg.output).expanduser().absolute()
     # The shards on disk are the truth: a task with a missing shard runs again even if datatrove marked it done
     # (e.g. after --overwrite, or a shard deleted by hand).

@@ -78,12 +78,40 @@ def test_local_executor_two_workers_four_tasks_equals_one_task(corpus, models, t
     completions = tmp_path / ".scores.tasks" / "4-tasks" / "completions"
     assert sorted(p.name for p in completions.iterdir()) == ["00000", "00001", "00002", "00003"]
 
-    # ... and the same refined dataset: rows, columns and order.
+    # ... and the same refined dataset: rows, columns and order, also when sample's pass runs as 4 tasks in 2 processes.
     refined = {}
-    for name, scores_dir in (("one task", one_task[2]), ("four tasks", output)):
-        sample(SampleConfig(scores=str(scores_dir), output=str(tmp_path / name), alpha=0.5))
+    for name, scores_dir, tasks in (("one task", one_task[2], 1), ("four tasks", output, 1), ("sampled by 4", output, 4)):
+        sample(SampleConfig(scores=str(scores_dir), output=str(tmp_path / name), alpha=0.5, tasks=tasks, workers=2))
         refined[name] = datasets.load_dataset(str(tmp_path / name), split="train").to_pandas()
-    assert len(refined["one task"]) == N_DOCS // 2 and refined["one task"].equals(refined["four tasks"])
+    assert len(refined["one task"]) == N_DOCS // 2
+    assert refined["one task"].equals(refined["four tasks"]) and refined["one task"].equals(refined["sampled by 4"])
+
+
+def test_a_users_error_inside_a_task_is_one_line_and_the_task_reruns(corpus, models, tmp_path):
+    """--max-length beyond the models' positions is found only where the models load: inside each task."""
+    teacher, reference = models
+    command = [sys.executable, "-m", "refine", "score", str(corpus), "--teacher", str(teacher), "--reference",
+               str(reference), "--output", str(tmp_path / "scores"), "--device", "cpu", "--shard-size", "6",
+               "--tasks", "2", "--workers", "2"]
+    failed = subprocess.run([*command, "--max-length", "100000"], capture_output=True, text=True)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 of 2 tasks stopped")
+    assert errors[0].endswith("exceeds the 512 positions of reference " + repr(str(reference)) + "; lower --max-length")
+    assert not (tmp_path / "scores" / "manifest.json").exists()
+    completions = tmp_path / ".scores.tasks" / "2-tasks" / "completions"
+    assert not completions.exists() or not list(completions.iterdir())  # both tasks run again
+    finished = subprocess.run([*command, "--max-length", "32", "--overwrite"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert (tmp_path / "scores" / "manifest.json").exists() and not list((tmp_path / ".scores.tasks" / "2-tasks" /
+                                                                          "errors").glob("*"))
+
+
+def test_a_logging_dir_inside_an_input_or_the_output_is_refused(corpus, models, tmp_path, one_task):
+    for inside in (one_task[2] / "logs", tmp_path / "out" / "logs"):
+        with pytest.raises(RefineError, match="lies inside .*choose a folder outside the output and the inputs"):
+            sample(SampleConfig(scores=str(one_task[2]), output=str(tmp_path / "out"), tasks=2, logging_dir=str(inside)))
+    assert not (one_task[2] / "logs").exists()
 
 
 # Stand-ins for Slurm's commands: sbatch records the script and runs every array task of it at once, on this machine,

@@ -205,9 +205,10 @@ def test_refined_rows_equal_an_independent_top_alpha_join(tmp_path, teacher_dir,
     monkeypatch.setattr(stage, "BATCH_ROWS", 4)  # many batches, so kept rows cross batch and score-file borders
     documents = write_scored_corpus(tmp_path, teacher_dir, reference_dir, unit, id_column)
     alpha = 0.3
-    # 3 tasks on 2 local workers: each writes the kept rows of a third of the rows (13 or 14 of 40, across batches)
+    # 3 tasks, run one after another in this process (so they read in batches of 4 too): each writes the kept rows
+    # of a third of the rows (13 or 14 of 40), its range starting and ending inside batches and score files
     manifest = sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "out"), alpha=alpha,
-                                   tasks=tasks, workers=2))
+                                   tasks=tasks, workers=1))
     if tasks > 1:
         assert manifest["tasks"] == 3 and manifest["executor"] == "local"
         assert not list((tmp_path / ".out.tasks" / "3-tasks").glob("sample-*"))  # the parts moved into the dataset
@@ -451,6 +452,37 @@ def test_kept_instances_missing_from_the_corpus_stop_sample_before_any_output(tm
                       max_length=16, id_column="doc", output=str(tmp_path / "scores")))
     # the same bytes but other ids: memory:// gives files no version tag, so the fingerprint cannot tell
     write_parts(fs, folder, "jsonl", [{**r, "doc": r["doc"].replace("doc-", "dox-")} for r in rows])
-    with pytest.raises(RefineError, match=r"the corpus holds 0 of the \d+ kept instances"):
-        sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1))
-    assert not (tmp_path / "refined").exists()
+    for tasks in (1, 2):  # in tasks, the parts of the wrong corpus are discarded, so a rerun cannot adopt them
+        with pytest.raises(RefineError, match=r"the corpus holds 0 of the \d+ kept instances"):
+            sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1, tasks=tasks,
+                                workers=1))
+        assert not (tmp_path / "refined").exists() and not list(tmp_path.glob(".refined.tasks/*/sample-*"))
+    write_parts(fs, folder, "jsonl", rows)  # the corpus that was scored, back
+    manifest = sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1, tasks=2,
+                                   workers=1))
+    assert manifest["instances_after"] == len(datasets.load_dataset(str(tmp_path / "refined"), split="train")) > 0
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_column_null_in_the_first_batches_of_a_streamed_corpus_is_one_type_in_the_dataset(
+        tmp_path, teacher_dir, reference_dir, monkeypatch, tasks):
+    import fsspec
+
+    import refine.sample as stage
+    from refine.config import ScoreConfig
+    from refine.score import score
+
+    # The corpus's schema comes from its first 100 rows, where `url` is always null; batches of 16 rows read it as
+    # null, then as strings.
+    monkeypatch.setattr(stage, "BATCH_ROWS", 16)
+    rows = [{"text": f"Document {i}: " + "word " * (1 + i % 3), "url": None if i < 110 else f"https://example.org/{i}"}
+            for i in range(130)]
+    folder = f"/{tmp_path.name}/nulls"
+    with fsspec.filesystem("memory").open(f"{folder}/c.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    score(ScoreConfig(data=f"memory://{folder}/c.jsonl", teacher=str(teacher_dir), reference=str(reference_dir),
+                      max_length=16, output=str(tmp_path / "scores")))
+    sample(SampleConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "refined"), alpha=1, tasks=tasks,
+                        workers=1, shard_size_mb=1))
+    refined = datasets.load_dataset(str(tmp_path / "refined"), split="train")
+    assert refined.features["url"].dtype == "string" and refined["url"] == [r["url"] for r in rows]
