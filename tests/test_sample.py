@@ -486,3 +486,21 @@ def test_a_column_null_in_the_first_batches_of_a_streamed_corpus_is_one_type_in_
                         workers=1, shard_size_mb=1))
     refined = datasets.load_dataset(str(tmp_path / "refined"), split="train")
     assert refined.features["url"].dtype == "string" and refined["url"] == [r["url"] for r in rows]
+
+
+def test_a_split_sample_removes_work_folders_of_earlier_runs_into_the_same_output_only(tiny_run, tmp_path):
+    """Left by runs killed before their dataset was in place, or made with other settings: refine's own, by their plan."""
+    output = tmp_path / "refined"
+    tasks_root = tmp_path / ".refined.tasks"
+    earlier = {"sample-same-output": str(output.absolute()), "sample-other-output": str(tmp_path / "other"),
+               "sample-without-plan": None}
+    for name, plan_output in earlier.items():
+        folder = tasks_root / "3-tasks" / name
+        folder.mkdir(parents=True)
+        if plan_output:
+            (folder / "plan.json").write_text(json.dumps({"stage": "sample", "output": plan_output}))
+        (folder / "part-00000-00000-of-00001.parquet").write_bytes(b"parts of an earlier run")
+    sample(SampleConfig(scores=str(tiny_run / "scores"), output=str(output), alpha=0.5, tasks=2, workers=1))
+    left = sorted(p.name for p in tasks_root.glob("*-tasks/sample-*"))
+    assert left == ["sample-other-output", "sample-without-plan"]  # this output's earlier one is gone, this run's too
+    assert datasets.load_dataset(str(output), split="train").num_rows == 15
