@@ -152,11 +152,13 @@ def config_command(name: str, cls: type, positional: tuple[str, ...] = ()):
     return register
 
 
-VERBOSE_HELP = "Also show the progress bars and warnings of datasets, transformers, huggingface_hub and lm-evaluation-harness."
+VERBOSE_HELP = ("Also show the progress bars and warnings of datasets, transformers, huggingface_hub and "
+                "lm-evaluation-harness, and the logs of datatrove's tasks.")
 
 
 def quiet_libraries() -> None:
-    """Third-party progress bars and info logs off, so each stage shows one refine bar (--verbose keeps them).
+    """Third-party progress bars and info logs off, so each stage shows one refine bar (--verbose keeps them);
+    datatrove's task logs follow huggingface_hub's switch (refine.engine.quiet_console).
 
     The variables are read when the libraries are imported (the stages import them lazily, after this);
     a library imported already is told directly.

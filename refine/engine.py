@@ -8,16 +8,23 @@ logging dir), so a rerun runs only the tasks that did not finish.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor  # imports Ray only when run
 from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.logging import setup_default_logger
+from loguru import logger
+from tqdm.auto import tqdm
 
 from refine.errors import RefineError
 from refine.output import write_text
@@ -61,14 +68,83 @@ class RunTask(PipelineStep):
 
 
 class LocalTasks(LocalPipelineExecutor):
-    """datatrove's local executor, telling each task which of the `workers` slots it holds (no two tasks at once share one)."""
+    """datatrove's local executor, telling each task which of the `workers` slots it holds (no two tasks at once
+    share one). With `quiet`, a task's log goes to its file only (errors also to the console)."""
+
+    def __init__(self, *args, quiet: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         os.environ[TASK_SLOT_ENV] = str(local_rank)
         try:
-            return super()._run_for_rank(rank, local_rank, node_rank)
+            # datatrove prints a task's INFO log on the console only for local rank 0 (its file gets everything)
+            return super()._run_for_rank(rank, 1 if self.quiet else local_rank, node_rank)
         finally:
             os.environ.pop(TASK_SLOT_ENV, None)
+            if self.quiet:
+                _console_warnings_only()  # datatrove put its default console log back when the task ended
+
+
+def quiet_console() -> bool:
+    """Whether the libraries' chatter stays off the console: refine's CLI turns huggingface_hub's progress bars off
+    unless --verbose (refine.cli.quiet_libraries), and datatrove's logs follow the same switch."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    return are_progress_bars_disabled()
+
+
+def _console_warnings_only() -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+@dataclass
+class Progress:
+    """What the driver's bar counts while tasks run: `done()` finished units (e.g. shard files on disk) of `total`."""
+
+    done: Callable[[], int]
+    total: int
+    unit: str
+    desc: str
+
+
+def files_present(directory: Path, names: list[str], what: str, desc: str) -> Progress:
+    """A bar over how many of the files `names` exist in `directory` (one listing per look)."""
+    expected = set(names)
+
+    def done() -> int:
+        try:
+            return len(expected.intersection(os.listdir(directory)))
+        except OSError:  # not made yet
+            return 0
+
+    return Progress(done, len(expected), what, desc)
+
+
+@contextlib.contextmanager
+def watching(progress: Optional[Progress], every_s: float = 2.0):
+    """One bar, with its time left, for the whole run: the driver counts the tasks' finished units on disk, so it
+    works the same for local processes, a Slurm job and a Ray cluster."""
+    if progress is None:
+        yield
+        return
+    bar = tqdm(total=progress.total, initial=progress.done(), unit=progress.unit, desc=progress.desc, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every_s):
+            bar.update(progress.done() - bar.n)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(progress.done() - bar.n)
+        bar.close()
 
 
 def uses_executor(cfg) -> bool:
@@ -128,7 +204,7 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
         n_at_once = local_workers(cfg)
         threads = local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)) if runs_models(cfg) else None
         step = [RunTask(run_task, logging_dir / ERRORS, threads=threads)]
-        return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir))
+        return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir), quiet=quiet_console())
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(
             step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,
@@ -142,16 +218,26 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
                                mem_per_cpu_gb=cfg.mem_per_cpu_gb)
 
 
-def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score") -> None:
-    """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them; raise if any did not finish."""
+def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score",
+              progress: Optional[Progress] = None) -> None:
+    """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them, showing `progress`; raise if
+    any did not finish. Unless the CLI's --verbose, datatrove's logs go to the logging dir, not the console."""
     shutil.rmtree(logging_dir / ERRORS, ignore_errors=True)  # messages of an earlier run's tasks
     executor = make_executor(cfg, run_task, logging_dir, job_name)
-    if cfg.executor == "ray":
-        _run_on_ray(executor, cfg)
-    elif cfg.executor == "slurm":
-        _run_on_slurm(executor)
-    else:
-        executor.run()
+    quiet = quiet_console()
+    if quiet:
+        _console_warnings_only()
+    try:
+        with watching(progress):
+            if cfg.executor == "ray":
+                _run_on_ray(executor, cfg)
+            elif cfg.executor == "slurm":
+                _run_on_slurm(executor)
+            else:
+                executor.run()
+    finally:
+        if quiet:
+            setup_default_logger()
     failed = sorted(int(p.name) for p in (logging_dir / ERRORS).glob("[0-9]*"))
     if failed:
         forget_completions(logging_dir, failed)

@@ -619,7 +619,9 @@ def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, s
         write_parquet(work / KEPT, kept_scores.append_column("position", pa.array(kept, type=pa.int64())))
         write_json(work / PLAN, plan)
     engine.forget_completions(logging_dir, [t for t in range(cfg.tasks) if not task_done(work, t)])
-    engine.run_tasks(cfg, functools.partial(sample_task, work_dir=str(work)), logging_dir, job_name="refine-sample")
+    engine.run_tasks(cfg, functools.partial(sample_task, work_dir=str(work)), logging_dir, job_name="refine-sample",
+                     progress=engine.files_present(work, [TASK_RECORD.format(t) for t in range(cfg.tasks)], "task",
+                                                   "sampling"))
     unfinished = [t for t in range(cfg.tasks) if not task_done(work, t)]
     if unfinished:  # datatrove recorded them as done, but their parts are gone
         raise RefineError(f"tasks {', '.join(map(str, unfinished[:10]))} of {cfg.tasks} left no parts in {str(work)!r}; "

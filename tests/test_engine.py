@@ -103,6 +103,9 @@ def test_a_users_error_inside_a_task_is_one_line_and_the_task_reruns(corpus, mod
     assert not completions.exists() or not list(completions.iterdir())  # both tasks run again
     finished = subprocess.run([*command, "--max-length", "32", "--overwrite"], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
+    # one bar over the shards on disk; datatrove's task logs only in their files (--verbose shows them)
+    assert "scoring: 100%" in finished.stderr and "| INFO " not in failed.stderr + finished.stderr
+    assert "Launching pipeline" in (tmp_path / ".scores.tasks" / "2-tasks" / "logs" / "task_00000.log").read_text()
     assert (tmp_path / "scores" / "manifest.json").exists() and not list((tmp_path / ".scores.tasks" / "2-tasks" /
                                                                           "errors").glob("*"))
 
