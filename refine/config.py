@@ -121,8 +121,9 @@ class TaskArgs(Checked):
                                           "one per GPU when the tasks run on GPUs (--device auto or cuda), else all of "
                                           "them; Slurm/Ray: all of them.", result=False, check=at_least(1))
     logging_dir: Optional[str] = option(
-        None, "Task logs and completion files (datatrove's logging dir; Slurm logs too); default `.<output name>.tasks` "
-              "beside --output. Must be reachable from every task.", result=False)
+        None, "Task logs and completion files (datatrove's logging dir; Slurm logs too; sample's parts until its dataset "
+              "is in place); default `.<output name>.tasks` beside --output. Must be reachable from every task.",
+        result=False)
     cpus_per_task: int = option(1, "Slurm/Ray: CPUs reserved per task.", result=False, check=at_least(1))
     gpus_per_task: int = option(0, "Slurm/Ray: GPUs reserved per task (each task runs on its own GPU).", result=False,
                                 check=at_least(0))
