@@ -87,6 +87,7 @@ def test_local_executor_two_workers_four_tasks_equals_one_task(corpus, models, t
     assert refined["one task"].equals(refined["four tasks"]) and refined["one task"].equals(refined["sampled by 4"])
 
 
+@pytest.mark.slow
 def test_a_users_error_inside_a_task_is_one_line_and_the_task_reruns(corpus, models, tmp_path):
     """--max-length beyond the models' positions is found only where the models load: inside each task."""
     teacher, reference = models
