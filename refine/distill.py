@@ -215,7 +215,7 @@ def _run_tasks(cfg: DistillCacheConfig, setup: CacheSetup) -> dict | None:
     engine.run_tasks(cfg, functools.partial(cache_task, cfg, teacher_record=str(record),
                                             expected_token_file=setup.tokens.directory.name),
                      logging_dir, job_name="refine-distill-cache",
-                     progress=engine.files_present(output, [shard_name(s) for s in range(setup.n_shards)], "shard",
+                     progress=engine.FilesPresent(output, [shard_name(s) for s in range(setup.n_shards)], "shard",
                                                    "caching"))
     try:
         return json.loads(record.read_text())

@@ -27,7 +27,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from refine.errors import RefineError
-from refine.output import write_text
+from refine.output import local_paths, write_text
 
 # The local executor's slot (0..workers-1) of the task running in this process; a task on `auto`/`cuda` takes
 # GPU slot % GPUs (refine.distributed.rank_device), so W workers on W GPUs run one task per GPU.
@@ -100,36 +100,31 @@ def _console_warnings_only() -> None:
 
 
 @dataclass
-class Progress:
-    """What the driver's bar counts while tasks run: `done()` finished units (e.g. shard files on disk) of `total`."""
+class FilesPresent:
+    """What the driver's bar counts while tasks run: how many of the files `names` (the finished units: shards,
+    task records) exist in `directory`, found with one listing per look."""
 
-    done: Callable[[], int]
-    total: int
+    directory: Path
+    names: list[str]
     unit: str
     desc: str
 
-
-def files_present(directory: Path, names: list[str], what: str, desc: str) -> Progress:
-    """A bar over how many of the files `names` exist in `directory` (one listing per look)."""
-    expected = set(names)
-
-    def done() -> int:
+    def done(self) -> int:
         try:
-            return len(expected.intersection(os.listdir(directory)))
+            return len(set(self.names).intersection(os.listdir(self.directory)))
         except OSError:  # not made yet
             return 0
 
-    return Progress(done, len(expected), what, desc)
-
 
 @contextlib.contextmanager
-def watching(progress: Optional[Progress], every_s: float = 2.0):
+def watching(progress: Optional[FilesPresent], every_s: float = 2.0):
     """One bar, with its time left, for the whole run: the driver counts the tasks' finished units on disk, so it
     works the same for local processes, a Slurm job and a Ray cluster."""
     if progress is None:
         yield
         return
-    bar = tqdm(total=progress.total, initial=progress.done(), unit=progress.unit, desc=progress.desc, dynamic_ncols=True)
+    bar = tqdm(total=len(progress.names), initial=progress.done(), unit=progress.unit, desc=progress.desc,
+               dynamic_ncols=True)
     stop = threading.Event()
 
     def poll():
@@ -182,9 +177,8 @@ def logging_dir_for(output: str, given: str | None, n_tasks: int, inputs: list[s
     --logging-dir inside the output or an input (whose manifest would then list a foreign file) is refused."""
     output_path = Path(output).expanduser().absolute()
     root = Path(given).expanduser().absolute() if given else output_path.parent / f".{output_path.name}.tasks"
-    local_inputs = [Path(p).expanduser().absolute() for p in inputs if p and "://" not in p and Path(p).expanduser().exists()]
-    for place in [output_path, *local_inputs]:
-        if root == place or place in root.parents:
+    for place in [output_path.resolve(), *(path for source in inputs for path in local_paths(source))]:
+        if root.resolve() == place or place in root.resolve().parents:
             raise RefineError(f"--logging-dir {given!r} lies inside {str(place)!r}, which this command writes or reads; "
                               "choose a folder outside the output and the inputs")
     return root / f"{n_tasks}-tasks"
@@ -198,13 +192,13 @@ def forget_completions(logging_dir: Path, tasks: list[int]) -> None:
 
 def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score"):
     """The datatrove executor `cfg.executor` names, running `cfg.tasks` tasks of `run_task` (`job_name`: Slurm's)."""
-    step = [RunTask(run_task, logging_dir / ERRORS)]
     workers = cfg.workers or -1  # datatrove: -1 is all tasks at once
     if cfg.executor == "local":
         n_at_once = local_workers(cfg)
         threads = local_threads(cfg.tasks if n_at_once == -1 else min(n_at_once, cfg.tasks)) if runs_models(cfg) else None
         step = [RunTask(run_task, logging_dir / ERRORS, threads=threads)]
         return LocalTasks(step, tasks=cfg.tasks, workers=n_at_once, logging_dir=str(logging_dir), quiet=quiet_console())
+    step = [RunTask(run_task, logging_dir / ERRORS)]  # Slurm and Ray give each task its own CPUs
     if cfg.executor == "slurm":
         return SlurmPipelineExecutor(
             step, tasks=cfg.tasks, workers=workers, time=cfg.slurm_time, partition=cfg.slurm_partition,
@@ -219,7 +213,7 @@ def make_executor(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, j
 
 
 def run_tasks(cfg, run_task: Callable[[int, int], Any], logging_dir: Path, job_name: str = "refine-score",
-              progress: Optional[Progress] = None) -> None:
+              progress: Optional[FilesPresent] = None) -> None:
     """Run every unfinished task of `cfg.tasks` on `cfg.executor` and wait for them, showing `progress`; raise if
     any did not finish. Unless the CLI's --verbose, datatrove's logs go to the logging dir, not the console."""
     shutil.rmtree(logging_dir / ERRORS, ignore_errors=True)  # messages of an earlier run's tasks

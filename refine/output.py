@@ -249,7 +249,7 @@ def overlap_problems(output: Path, inputs: Iterable[Optional[str]]) -> list[str]
     if out == cwd or out in cwd.parents:
         problems.append(f"output {str(output)!r} is or contains the current directory; give a new directory for --output")
     for source in inputs:
-        for item in _local_paths(source):
+        for item in local_paths(source):
             if out == item:
                 problems.append(f"output {str(output)!r} is the input {str(item)!r}; choose another --output")
             elif out in item.parents:
@@ -259,7 +259,8 @@ def overlap_problems(output: Path, inputs: Iterable[Optional[str]]) -> list[str]
     return problems
 
 
-def _local_paths(source: Optional[str]) -> list[Path]:
+def local_paths(source: Optional[str]) -> list[Path]:
+    """The local files or folders `source` names (resolved; a glob's matches); none for a URL or a hub name."""
     if not source or "://" in str(source):
         return []
     path = Path(source).expanduser()

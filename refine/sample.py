@@ -290,7 +290,8 @@ def sample(cfg: SampleConfig) -> dict:
         if chunks and cfg.data is not None:
             open_scored_corpus(cfg.data, data_spec)
         score_paths = parquet_files(scores_dir, score_manifest)
-        if engine.uses_executor(cfg):
+        split = engine.uses_executor(cfg)  # the corpus pass as datatrove tasks
+        if split:
             work = run_tasks(cfg, score_manifest, source, documents, score_paths, kept, kept_scores)
             write_data = adopt_parts(work, cfg.tasks)
         else:
@@ -315,12 +316,12 @@ def sample(cfg: SampleConfig) -> dict:
             "reference_diagnostics": diagnostics.table_diagnostics(
                 scores, selection["alpha"], kept if cfg.method == "difference" else choose(cfg, scores, "difference", groups)[0],
                 diagnostics.reference_vocab_size(score_manifest)),
-            "executor": cfg.executor if engine.uses_executor(cfg) else None,
-            "tasks": cfg.tasks if engine.uses_executor(cfg) else None,
+            "executor": cfg.executor if split else None,
+            "tasks": cfg.tasks if split else None,
             "scores": score_manifest,
         }
         sealed = _write_dataset(claimed, write_data, manifest)
-        if engine.uses_executor(cfg):
+        if split:
             shutil.rmtree(work, ignore_errors=True)  # the parts are in the dataset now (hard links, or copies)
         return sealed
 
@@ -420,22 +421,23 @@ def kept_rows(first: int, n_rows: int, kept_sorted: np.ndarray) -> tuple[np.ndar
 
 def kept_chunks(paths: list[Path], kept: np.ndarray, first: int = 0, last: Optional[int] = None):
     """The kept chunk rows (every score column, text and token ids included) among score rows [first, last), in
-    score order, a batch at a time; of a score file outside that range only the footer is read (its row count)."""
-    offset = 0
+    score order, a batch at a time; of a score file before that range only the footer is read (its row count), of
+    one after it nothing."""
+    last = math.inf if last is None else last
+    kept = kept[(kept >= first) & (kept < last)]
+    offset = 0  # the score row each file (then each batch) starts at
     for path in paths:
+        if offset >= last:
+            break
         with pq.ParquetFile(path) as scores:
-            n_rows = scores.metadata.num_rows
-            if offset + n_rows <= first or (last is not None and offset >= last):
-                offset += n_rows
+            if offset + scores.metadata.num_rows <= first:
+                offset += scores.metadata.num_rows
                 continue
             for batch in scores.iter_batches(batch_size=BATCH_ROWS):
-                lo, hi = max(first - offset, 0), min((last if last is not None else offset + n_rows) - offset, batch.num_rows)
                 local, _ = kept_rows(offset, batch.num_rows, kept)
-                local = local[(local >= lo) & (local < hi)]
                 offset += batch.num_rows
-                if hi > lo:
-                    yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
-                if last is not None and offset >= last:
+                yield pa.Table.from_batches([batch.take(pa.array(local, type=pa.int64()))]).replace_schema_metadata(None)
+                if offset >= last:
                     break
 
 
@@ -513,16 +515,25 @@ class ShardWriter:
         elif not self.written:
             self.written.append(self.directory / f"{self.stem}-00000.parquet.part")
             pq.write_table((self.schema or pa.schema([])).empty_table(), self.written[-1], compression="zstd")
-        schema = common_schema([pq.read_schema(part) for part in self.written])
-        final = []
-        for k, part in enumerate(self.written):
-            final.append(part.with_name(f"{self.stem}-{k:05d}-of-{len(self.written):05d}.parquet"))
-            if pq.read_schema(part).equals(schema, check_metadata=False):
-                os.replace(part, final[-1])
-            else:
-                write_parquet(final[-1], cast_to(pq.read_table(part), schema))
-                part.unlink()
+        final = [part.with_name(f"{self.stem}-{k:05d}-of-{len(self.written):05d}.parquet")
+                 for k, part in enumerate(self.written)]
+        place_shards(self.written, final, os.replace)
+        for part in self.written:
+            part.unlink(missing_ok=True)  # a shard written cast leaves its part behind
         return final
+
+
+def place_shards(sources: list[Path], targets: list[Path], place) -> None:
+    """Put each Parquet shard at its target with `place(source, target)` (a rename, a link), or, where its column
+    types differ from the others' (a column null in every row of one shard), write it cast to the schema they can
+    all take, so `load_dataset` reads them together."""
+    schemas = [pq.read_schema(source) for source in sources]
+    schema = common_schema(schemas)
+    for source, target, own in zip(sources, targets, schemas):
+        if own.equals(schema, check_metadata=False):
+            place(source, target)
+        else:
+            write_parquet(target, cast_to(pq.read_table(source), schema))
 
 
 def cast_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -620,7 +631,7 @@ def run_tasks(cfg: SampleConfig, score_manifest: dict, source: str, documents, s
         write_json(work / PLAN, plan)
     engine.forget_completions(logging_dir, [t for t in range(cfg.tasks) if not task_done(work, t)])
     engine.run_tasks(cfg, functools.partial(sample_task, work_dir=str(work)), logging_dir, job_name="refine-sample",
-                     progress=engine.files_present(work, [TASK_RECORD.format(t) for t in range(cfg.tasks)], "task",
+                     progress=engine.FilesPresent(work, [TASK_RECORD.format(t) for t in range(cfg.tasks)], "task",
                                                    "sampling"))
     unfinished = [t for t in range(cfg.tasks) if not task_done(work, t)]
     if unfinished:  # datatrove recorded them as done, but their parts are gone
@@ -699,18 +710,16 @@ def adopt_parts(work: Path, n_tasks: int):
         for task in range(n_tasks):
             record = json.loads((work / TASK_RECORD.format(task)).read_text())
             parts += zip(record["files"], record["rows"])
-        shards = [name for name, rows in parts if rows] or [parts[0][0]]  # an empty dataset still has one (its columns)
-        schema = common_schema([pq.read_schema(work / name) for name in shards])
-        paths = []
-        for k, name in enumerate(shards):
-            paths.append(data_dir / f"{stem}-{k:05d}-of-{len(shards):05d}.parquet")
-            if not pq.read_schema(work / name).equals(schema, check_metadata=False):
-                write_parquet(paths[-1], cast_to(pq.read_table(work / name), schema))  # as ShardWriter.close does
-                continue
-            try:
-                os.link(work / name, paths[-1])
-            except OSError:
-                shutil.copyfile(work / name, paths[-1])
+        shards = [work / name for name, rows in parts if rows] or [work / parts[0][0]]  # an empty dataset: one (its columns)
+        paths = [data_dir / f"{stem}-{k:05d}-of-{len(shards):05d}.parquet" for k in range(len(shards))]
+        place_shards(shards, paths, _link_or_copy)
         return paths, sum(rows for _, rows in parts)
 
     return write
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem
+        shutil.copyfile(source, target)

@@ -238,7 +238,7 @@ def _run_tasks(cfg: ScoreConfig, setup: ScoreSetup) -> Optional[dict]:
     shards = [shard_path(output, setup.tag, first, last).name for _, first, last in shard_ranges(len(setup.ds), cfg.shard_size)]
     engine.run_tasks(cfg, functools.partial(score_task, cfg, models_record=str(record), expected_tag=setup.tag,
                                             scan=setup.scan), logging_dir,
-                     progress=engine.files_present(output / DATA_DIR, shards, "shard", "scoring"))
+                     progress=engine.FilesPresent(output / DATA_DIR, shards, "shard", "scoring"))
     remove_temp_files(output)  # half-written shards of tasks that were killed and run again
     try:
         return json.loads(record.read_text())
